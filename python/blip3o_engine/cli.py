@@ -1,0 +1,125 @@
+"""`blip3o-engine` command line: generate, chat, make-tiny."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import Blip3oError
+
+RANDOM_BANNER = ("NOTE: model {name!r} is a random-weight preset: images are noise and answers are gibberish; "
+                 "pass --model PATH to a downloaded BLIP3o-Model-4B/8B for real outputs.")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny",
+                   help="checkpoint directory or preset: tiny (default, random), small, 4b, 8b")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--backend", default="optimized", choices=["optimized", "reference"])
+
+
+def _load_engine(args):
+    from .runtime.engine import Engine
+
+    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, backend=args.backend)
+    if engine.is_random_preset:
+        print(RANDOM_BANNER.format(name=args.model), file=sys.stderr)
+    return engine
+
+
+def cmd_generate(args) -> int:
+    from .params import ImageParams
+
+    engine = _load_engine(args)
+    params = ImageParams(height=args.height, width=args.width, dit_steps=args.dit_steps,
+                         dit_guidance=args.dit_guidance, decoder_steps=args.steps,
+                         decoder_guidance=args.guidance, seed=args.seed)
+    start = time.perf_counter()
+    result = engine.generate_image(args.prompt, params, image=args.image, progress=True)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.image.save(out)
+    print(f"wrote {out} ({result.image.width}x{result.image.height}, seed {result.seed}) "
+          f"in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .params import SamplingParams
+
+    engine = _load_engine(args)
+    content = [{"type": "text", "text": args.prompt}]
+    if args.image:
+        content.insert(0, {"type": "image", "image": args.image})
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": content}]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    result = engine.chat(messages, params)
+    print(result.text)
+    print(f"[{len(result.token_ids)} tokens, finish_reason={result.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_make_tiny(args) -> int:
+    from .tiny import make_tiny_checkpoint
+
+    out = make_tiny_checkpoint(args.dir, preset=args.preset, seed=args.seed)
+    print(f"wrote a random-weight {args.preset!r} checkpoint to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blip3o-engine", description="BLIP3-o inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="text-to-image")
+    g.add_argument("prompt")
+    g.add_argument("-o", "--output", default="out.png", help="output image file (default: out.png)")
+    g.add_argument("--image", default=None, help="optional input image to condition on")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--steps", type=int, default=50, help="decoder (UNet) steps (default 50)")
+    g.add_argument("--guidance", type=float, default=3.0, help="decoder CFG scale (default 3.0)")
+    g.add_argument("--dit-steps", type=int, default=30, help="DiT flow-matching steps (default 30)")
+    g.add_argument("--dit-guidance", type=float, default=3.0, help="DiT CFG scale (default 3.0)")
+    g.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    g.add_argument("--width", type=int, default=None)
+    _add_model_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="answer one user message (optionally about an image)")
+    c.add_argument("prompt")
+    c.add_argument("--image", default=None)
+    c.add_argument("--system", default=None, help="system prompt (default: Qwen's)")
+    c.add_argument("--max-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--top-k", type=int, default=-1)
+    c.add_argument("--repetition-penalty", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=None)
+    _add_model_args(c)
+    c.set_defaults(func=cmd_chat)
+
+    t = sub.add_parser("make-tiny", help="write a random-weight checkpoint in the published layout")
+    t.add_argument("dir")
+    t.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_make_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Blip3oError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The reference backend: every stage of BLIP3-o in plain PyTorch, one request at a time.
+
+No kernels, no graphs, no paging, no caching tricks beyond what the official code does. This is
+the oracle every optimized path is tested against, so it favours being obviously right over fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..models.blip3o import Blip3oModel
+from ..models.qwen2_5_vl import get_mrope_positions
+from ..models.unet import sdxl_time_ids
+from ..params import SamplingParams
+from ..prompts import PreparedPrompt
+from ..sampling.euler_discrete import euler_discrete_schedule, sample_euler
+from ..sampling.flow_match import sample_flow
+from ..sampling.text import select_next_token
+from ..tokenization import SpecialTokens
+
+StepCallback = Callable[[int, int], None]  # (step index, number of steps)
+
+
+def embed_prompt(model: Blip3oModel, prompt: PreparedPrompt, special: SpecialTokens
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Token embeddings with ViT features scattered into the `<|image_pad|>` slots.
+
+    Returns embeds [1, L, H], position ids [3, 1, L] and the M-RoPE delta for later decode positions.
+    """
+    device = model.device
+    ids = torch.tensor(prompt.token_ids, device=device)[None]  # [1, L]
+    embeds = model.text.embed(ids)  # [1, L, H]
+    if prompt.pixel_values is not None:
+        grid = torch.tensor(prompt.image_grid_thw, device=device)
+        feats = model.visual(prompt.pixel_values.to(device=device, dtype=model.dtype), grid)  # [N_img_tok, H]
+        slots = ids[0] == special.image_pad
+        if int(slots.sum()) != feats.shape[0]:
+            raise AssertionError(f"{int(slots.sum())} image slots but {feats.shape[0]} image features")
+        embeds[0, slots] = feats.to(embeds.dtype)
+    if prompt.use_mrope:
+        pos, delta = get_mrope_positions(prompt.token_ids, prompt.image_grid_thw, special.image_pad,
+                                         model.cfg.vision.spatial_merge_size)
+        pos = pos.to(device)
+    else:  # T2I: the official code passes no position ids -> 0..L-1 on all three axes (spec §1.3)
+        pos, delta = torch.arange(len(prompt.token_ids), device=device).expand(3, -1), 0
+    return embeds, pos[:, None, :], delta
+
+
+# ------------------------------------------------------------------------------------------------
+# Chat
+
+
+def stop_token_ids(params: SamplingParams, special: SpecialTokens) -> set[int]:
+    ids = set(params.stop_token_ids)
+    if not params.ignore_eos:
+        ids |= {special.im_end, special.endoftext}
+    return ids
+
+
+def find_stop_string(text: str, stops: tuple[str, ...]) -> int:
+    """Index where the earliest stop string starts in `text`, or -1."""
+    hits = [text.find(s) for s in stops]
+    hits = [h for h in hits if h >= 0]
+    return min(hits) if hits else -1
+
+
+@torch.inference_mode()
+def generate_text(model: Blip3oModel, prompt: PreparedPrompt, params: SamplingParams, tokenizer,
+                  special: SpecialTokens) -> tuple[list[int], str, str]:
+    """Prefill + token-by-token decode with a contiguous KV cache. Returns (ids, text, finish_reason)."""
+    embeds, pos, delta = embed_prompt(model, prompt, special)
+    cache = model.text.new_cache()
+    hidden = model.text(embeds, pos, cache)  # [1, L, H]
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(params.seed)
+    seen = torch.tensor(prompt.token_ids, device=model.device, dtype=torch.long)
+    stops = stop_token_ids(params, special)
+    out: list[int] = []
+    finish = "length"
+    for step in range(params.max_tokens):
+        logits = model.text.compute_logits(hidden[0, -1])  # [V]
+        token = select_next_token(logits, params, seen, generator)
+        out.append(token)
+        if token in stops:
+            finish = "stop"
+            break
+        if params.stop:
+            text = tokenizer.decode(out, skip_special_tokens=params.skip_special_tokens)
+            cut = find_stop_string(text, params.stop)
+            if cut >= 0:
+                return out, text[:cut], "stop"
+        if step + 1 == params.max_tokens:
+            break
+        seen = torch.cat([seen, seen.new_tensor([token])])
+        position = len(prompt.token_ids) + step + delta
+        pos = torch.full((3, 1, 1), position, device=model.device)
+        hidden = model.text(model.text.embed(seen[-1:][None]), pos, cache)
+    body = out[:-1] if finish == "stop" else out
+    return out, tokenizer.decode(body, skip_special_tokens=params.skip_special_tokens), finish
+
+
+# ------------------------------------------------------------------------------------------------
+# Text-to-image, stage 1: prompt -> 64 query hidden states -> CLIP features
+
+
+@torch.inference_mode()
+def encode_t2i_prompt(model: Blip3oModel, prompt: PreparedPrompt, special: SpecialTokens) -> torch.Tensor:
+    """One prefill over prompt + [IMG] + queries; post-final-norm hidden states of the queries [Q, H]."""
+    embeds, _, _ = embed_prompt(model, prompt, special)  # [1, L, H]
+    queries = model.queries.weight.to(embeds.dtype)  # [1, Q, H]
+    embeds = torch.cat([embeds, queries], dim=1)  # [1, L + Q, H]
+    pos = torch.arange(embeds.shape[1], device=model.device).expand(3, 1, -1)  # 1-D RoPE (spec §1.3)
+    hidden = model.text(embeds, pos)  # [1, L + Q, H]
+    return hidden[0, -queries.shape[1]:]  # [Q, H]
+
+
+@torch.inference_mode()
+def sample_clip_features(model: Blip3oModel, cond: torch.Tensor, noise: torch.Tensor, steps: int,
+                         guidance: float, callback: StepCallback | None = None) -> torch.Tensor:
+    """Flow-matching Euler over the DiT with zero-null CFG (uncond first, spec §1.5).
+
+    cond [B, Q, H] query states; noise [B, C, S, S] standard normal. Returns features [B, Q, C].
+    """
+    cond = cond.to(model.dtype)
+    caption = torch.cat([torch.zeros_like(cond), cond]) if guidance > 1.0 else cond  # [2B or B, Q, H]
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model.dit(x, t, caption)
+
+    x0 = sample_flow(velocity, noise.to(model.dtype), steps, guidance, callback=callback)  # [B, C, S, S]
+    b, c = x0.shape[:2]
+    return x0.reshape(b, c, -1).permute(0, 2, 1)  # row-major grid -> [B, Q, C] (spec §1.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Text-to-image, stage 2: CLIP features -> pixels
+
+
+@torch.inference_mode()
+def decode_pixels(model: Blip3oModel, feats: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor,
+                  steps: int, guidance: float, callback: StepCallback | None = None) -> torch.Tensor:
+    """SDXL-type UNet loop (EulerDiscrete, CFG cond-first, spec §1.6) then VAE decode.
+
+    feats [B, Q, C]; uncond [B, Q, C]; noise [B, 4, h, w] standard normal (unscaled).
+    Returns uint8 images [B, H, W, 3].
+    """
+    b, _, h, w = noise.shape
+    scale = model.cfg.vae.scale_factor
+    embeds = feats.to(model.dtype)
+    if guidance > 1.0:
+        embeds = torch.cat([embeds, uncond.to(model.dtype)])  # [2B, Q, C], cond first
+    pooled = embeds.mean(dim=1)  # [2B or B, C] SDXL "text_embeds" = mean over tokens
+    time_ids = sdxl_time_ids(h * scale, w * scale, embeds.shape[0], model.dtype, model.device)  # [2B, 6]
+
+    def epsilon(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model.unet(z, t, encoder_hidden_states=embeds, text_embeds=pooled, time_ids=time_ids)
+
+    schedule = euler_discrete_schedule(model.cfg.decoder_scheduler, steps, device=model.device)
+    latents = sample_euler(epsilon, noise.to(model.dtype), schedule, guidance, callback=callback)
+    images = model.vae(latents / model.cfg.vae.scaling_factor)  # [B, 3, H, W] in [-1, 1]
+    return model.vae.to_uint8(images)

@@ -1,0 +1,129 @@
+"""Stage-2 sampler: diffusers' EulerDiscreteScheduler (SDXL-base config) as pure functions (spec §1.6).
+
+The schedule is built once per step count (on the host, with the very numpy/torch calls diffusers
+uses, so timesteps and sigmas are bitwise equal) and moved to the device. The loop then only indexes
+device tensors with a Python step number: no mutable step index, no host tables, no host syncs
+(ARCHITECTURE §7.7), so a step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..config import EulerSchedulerConfig
+
+
+@dataclass(frozen=True, eq=False)
+class EulerSchedule:
+    """timesteps [S] fp32 (model inputs), sigmas [S+1] fp32 ending in 0, and the initial noise scale."""
+
+    timesteps: Tensor
+    sigmas: Tensor
+    init_noise_sigma: float
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.shape[0]
+
+
+def _train_sigmas(cfg: EulerSchedulerConfig) -> np.ndarray:
+    """σ(t) = sqrt((1 - ᾱ_t) / ᾱ_t) for the training timesteps 0..T-1, fp32 as diffusers computes it."""
+    n = cfg.num_train_timesteps
+    if cfg.beta_schedule == "scaled_linear":
+        betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n, dtype=torch.float32) ** 2
+    else:  # "linear"
+        betas = torch.linspace(cfg.beta_start, cfg.beta_end, n, dtype=torch.float32)
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()  # [T] float32
+
+
+def _timesteps(cfg: EulerSchedulerConfig, num_steps: int) -> np.ndarray:
+    """Inference timesteps, descending, float32 (diffusers `set_timesteps`, Table 2 of 2305.08891)."""
+    n = cfg.num_train_timesteps
+    if cfg.timestep_spacing == "linspace":
+        return np.linspace(0, n - 1, num_steps, dtype=np.float32)[::-1].copy()
+    if cfg.timestep_spacing == "leading":
+        step_ratio = n // num_steps
+        t = (np.arange(0, num_steps) * step_ratio).round()[::-1].copy().astype(np.float32)
+        return t + cfg.steps_offset
+    # "trailing"
+    step_ratio = n / num_steps
+    return np.arange(n, 0, -step_ratio).round().copy().astype(np.float32) - 1
+
+
+def euler_discrete_schedule(cfg: EulerSchedulerConfig, num_steps: int,
+                            device: torch.device | str | None = None) -> EulerSchedule:
+    """Timesteps and sigmas of `EulerDiscreteScheduler(cfg).set_timesteps(num_steps)`, on `device`.
+
+    Linear interpolation of σ at (possibly fractional) timesteps, final σ = 0. The initial noise
+    scale is sqrt(σ_max² + 1) for "leading" spacing and σ_max for "linspace"/"trailing" (diffusers).
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    train_sigmas = _train_sigmas(cfg)
+    timesteps = _timesteps(cfg, num_steps)
+    sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)  # float64
+    sigmas = np.concatenate([sigmas, [0]]).astype(np.float32)  # [S+1]
+    sigmas_t = torch.from_numpy(sigmas)
+    max_sigma = sigmas_t.max()  # fp32 scalar tensor: the same arithmetic as diffusers' property
+    init = max_sigma if cfg.timestep_spacing in ("linspace", "trailing") else (max_sigma**2 + 1) ** 0.5
+    return EulerSchedule(timesteps=torch.from_numpy(timesteps).to(device),
+                         sigmas=sigmas_t.to(device), init_noise_sigma=float(init))
+
+
+def scale_model_input(x: Tensor, sigmas: Tensor, i: int) -> Tensor:
+    """x / sqrt(σ_i² + 1), in x's dtype (σ_i is a 0-dim fp32 tensor, which does not promote x)."""
+    sigma = sigmas[i]
+    return x / ((sigma**2 + 1) ** 0.5)
+
+
+def euler_step(x: Tensor, eps: Tensor, sigmas: Tensor, i: int) -> Tensor:
+    """One Euler step from σ_i to σ_{i+1} for ε-prediction, returned in eps' dtype.
+
+    Written in diffusers' `step` order (s_churn = 0, so σ̂ = σ): upcast x to fp32, x0 = x - σ·ε
+    (σ·ε in ε's dtype, as there), d = (x - x0) / σ, x + d·(σ_{i+1} - σ). Algebraically x + (σ' - σ)·ε;
+    kept in this form so results are bitwise equal to diffusers' (fp32 and bf16, on CPU).
+
+    Expected (not yet measured) bf16 difference on CUDA only: diffusers keeps its sigmas on the host,
+    and CUDA kernels read a host 0-dim tensor at fp32 precision, while a device-resident σ_i is cast
+    to bf16 inside bf16 kernels (σ·ε here and the division in `scale_model_input`): at most one bf16
+    rounding apart per step. fp32 runs are unaffected.
+    """
+    sample = x.to(torch.float32)
+    sigma = sigmas[i]
+    pred_original = sample - sigma * eps
+    derivative = (sample - pred_original) / sigma
+    dt = sigmas[i + 1] - sigma
+    return (sample + derivative * dt).to(eps.dtype)
+
+
+def sample_euler(model_fn: Callable[[Tensor, Tensor], Tensor], noise: Tensor, schedule: EulerSchedule,
+                 guidance: float, callback: Callable[[int, int], None] | None = None) -> Tensor:
+    """Run the Euler sampler from standard-normal `noise` [B, 4, h, w] (not yet scaled) to latents.
+
+    `model_fn(latent_in, t) -> ε`: with guidance > 1 the latent input is `cat([z, z])` [2B, ...] and
+    the model's conditioning batch must be ordered **[cond, uncond]**: ε_c, ε_u = ε.chunk(2), then
+    ε = ε_u + g·(ε_c − ε_u) (the reference pipeline's order, spec §1.6). With guidance <= 1 the input
+    is z alone. `t` is a 0-dim fp32 device tensor. `callback(i, S)` runs after step i.
+    """
+    sigmas, steps = schedule.sigmas, schedule.num_steps
+    cfg = guidance > 1.0
+    z = noise * schedule.init_noise_sigma
+    for i in range(steps):  # no host syncs inside: everything indexed here lives on the device
+        z_in = scale_model_input(z, sigmas, i)
+        eps = model_fn(torch.cat([z_in, z_in]) if cfg else z_in, schedule.timesteps[i])
+        if cfg:
+            eps_c, eps_u = eps.chunk(2)
+            eps = eps_u + guidance * (eps_c - eps_u)
+        z = euler_step(z, eps, sigmas, i)
+        if callback is not None:
+            callback(i, steps)
+    return z
+
+
+__all__ = ["EulerSchedule", "euler_discrete_schedule", "scale_model_input", "euler_step", "sample_euler"]

@@ -1,0 +1,166 @@
+"""`make-tiny`: write a complete random-weight checkpoint in the published BLIP3o-Model layout.
+
+The directory loads in this engine and in the oracles (transformers' Qwen2_5_VLForConditionalGeneration
+for the Qwen part, diffusers' UNet2DConditionModel / AutoencoderKL for the decoder), so tests compare
+implementations on identical weights. The `tiny` preset is this checkpoint, made on first use in a
+cache directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, VAEConfig, preset_config
+from .tokenization import build_tiny_tokenizer
+
+CHECKPOINT_PRESETS = ("tiny", "small")  # presets materialized as on-disk checkpoints
+_FORMAT_VERSION = 1  # bump when the writer changes, so stale cached checkpoints are rebuilt
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("BLIP3O_ENGINE_CACHE", Path.home() / ".cache" / "blip3o_engine"))
+
+
+def preset_checkpoint(name: str) -> Path:
+    """Path of the preset's checkpoint, writing it on first use (atomically: concurrent processes
+    each build into a temporary directory and the first rename wins)."""
+    target = cache_root() / f"{name}-v{_FORMAT_VERSION}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        make_tiny_checkpoint(tmp, preset=name)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def make_tiny_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, num_shards: int = 2) -> Path:
+    """Write tokenizer, processor config, config.json, sharded safetensors and diffusion-decoder/."""
+    from .models.blip3o import random_model
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab_size = build_tiny_tokenizer(out)
+    cfg = preset_config(preset, vocab_size=vocab_size)
+    model = random_model(cfg, seed=seed)
+
+    _write_json(out / "config.json", cfg.to_hf_dict())
+    _write_json(out / "preprocessor_config.json", _preprocessor_config(preset))
+    _save_sharded(_root_state(model), out, num_shards)
+    _write_decoder(model, cfg, out / "diffusion-decoder", seed)
+    return out
+
+
+def _root_state(model) -> dict[str, torch.Tensor]:
+    """Published key layout of the root checkpoint (spec §3)."""
+    state = {f"visual.{k}": v for k, v in model.visual.state_dict().items()}
+    for k, v in model.text.state_dict().items():
+        state[k if k == "lm_head.weight" else f"model.{k}"] = v
+    if model.dit is not None:
+        state.update({f"model.dit.model.{k}": v for k, v in model.dit.state_dict().items()})
+        state["model.latent_queries"] = model.queries.weight
+    return state
+
+
+def _save_sharded(state: dict[str, torch.Tensor], out: Path, num_shards: int) -> None:
+    from safetensors.torch import save_file
+
+    keys = list(state)
+    per = -(-len(keys) // num_shards)
+    weight_map, total = {}, 0
+    for i in range(num_shards):
+        name = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+        chunk = {k: state[k].contiguous() for k in keys[i * per:(i + 1) * per]}
+        save_file(chunk, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in chunk})
+        total += sum(t.numel() * t.element_size() for t in chunk.values())
+    _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _write_decoder(model, cfg: ModelConfig, dec: Path, seed: int) -> None:
+    """diffusers layout with bf16 variant files, as the released diffusion-decoder/ (spec §1.6)."""
+    from safetensors.torch import save_file
+
+    for sub in ("unet", "vae", "scheduler"):
+        (dec / sub).mkdir(parents=True, exist_ok=True)
+    _write_json(dec / "model_index.json", {
+        "_class_name": "EmuVisualGenerationPipeline", "_diffusers_version": "0.21.2",
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]})
+    _write_json(dec / "scheduler" / "scheduler_config.json", cfg.decoder_scheduler.to_diffusers())
+    _write_json(dec / "unet" / "config.json", cfg.unet.to_diffusers())
+    _write_json(dec / "vae" / "config.json", cfg.vae.to_diffusers())
+    bf16 = {k: v.to(torch.bfloat16).contiguous() for k, v in model.unet.state_dict().items()}
+    save_file(bf16, str(dec / "unet" / "diffusion_pytorch_model.bf16.safetensors"), metadata={"format": "pt"})
+    # The released VAE file holds the full autoencoder; the engine only uses the decoder half but the
+    # tiny file carries random encoder weights too, so that loaders (ours, diffusers') see the real key set.
+    vae_state = dict(model.vae.state_dict())
+    gen = torch.Generator().manual_seed(seed + 1)
+    for key, shape in vae_encoder_shapes(cfg.vae).items():
+        vae_state[key] = torch.randn(shape, generator=gen) * (0.1 if len(shape) == 1 else 0.05)
+    bf16 = {k: v.to(torch.bfloat16).contiguous() for k, v in vae_state.items()}
+    save_file(bf16, str(dec / "vae" / "diffusion_pytorch_model.bf16.safetensors"), metadata={"format": "pt"})
+
+
+def vae_encoder_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of AutoencoderKL's encoder half and quant_conv (diffusers key names)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv(name, cin, cout, k):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (cout, cin, k, k), (cout,)
+
+    def norm(name, c):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (c,), (c,)
+
+    def resnet(name, cin, cout):
+        norm(f"{name}.norm1", cin), conv(f"{name}.conv1", cin, cout, 3)
+        norm(f"{name}.norm2", cout), conv(f"{name}.conv2", cout, cout, 3)
+        if cin != cout:
+            conv(f"{name}.conv_shortcut", cin, cout, 1)
+
+    ch = cfg.block_out_channels
+    conv("encoder.conv_in", cfg.in_channels, ch[0], 3)
+    cin = ch[0]
+    for i, cout in enumerate(ch):
+        for j in range(cfg.layers_per_block):
+            resnet(f"encoder.down_blocks.{i}.resnets.{j}", cin if j == 0 else cout, cout)
+        if i < len(ch) - 1:
+            conv(f"encoder.down_blocks.{i}.downsamplers.0.conv", cout, cout, 3)
+        cin = cout
+    resnet("encoder.mid_block.resnets.0", ch[-1], ch[-1])
+    norm("encoder.mid_block.attentions.0.group_norm", ch[-1])
+    for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+        shapes[f"encoder.mid_block.attentions.0.{proj}.weight"] = (ch[-1], ch[-1])
+        shapes[f"encoder.mid_block.attentions.0.{proj}.bias"] = (ch[-1],)
+    resnet("encoder.mid_block.resnets.1", ch[-1], ch[-1])
+    norm("encoder.conv_norm_out", ch[-1])
+    conv("encoder.conv_out", ch[-1], 2 * cfg.latent_channels, 3)
+    conv("quant_conv", 2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+    return shapes
+
+
+def _preprocessor_config(preset: str) -> dict:
+    # Qwen2.5-VL's processor settings; the tiny checkpoint caps pixels at 448² (256 image tokens)
+    # so CPU tests stay fast.
+    max_pixels = 448 * 448 if preset in CHECKPOINT_PRESETS else 12845056
+    return {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+            "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "do_convert_rgb": True, "min_pixels": 3136, "max_pixels": max_pixels, "patch_size": 14,
+            "temporal_patch_size": 2, "merge_size": 2,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
