@@ -354,8 +354,11 @@ class ModelConfig:
 
     # -------------------------------------------------------------------------------- I/O
 
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The checkpoint's root config.json (Qwen2_5_VLConfig layout + BLIP3-o fields, spec §3)."""
+    def to_hf_dict(self, token_ids: dict[str, int] | None = None) -> dict[str, Any]:
+        """The checkpoint's root config.json (Qwen2_5_VLConfig layout + BLIP3-o fields, spec §3).
+
+        `token_ids`: special-token fields (bos_token_id, image_token_id, ...) from the tokenizer.
+        """
         t, v = self.text, self.vision
         d: dict[str, Any] = {
             "architectures": ["blip3oQwenForInferenceLM"],
@@ -379,6 +382,7 @@ class ModelConfig:
                 "model_type": "qwen2_5_vl",
             },
         }
+        d.update(token_ids or {})
         if self.dit is not None:
             d.update(gen_vision_tower="eva-clip-E-14-plus", n_query=self.n_query, gen_pooling="early_pool2d_4",
                      mm_use_im_patch_token=False, mm_use_im_start_end=False)

@@ -56,11 +56,20 @@ def make_tiny_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 
     cfg = preset_config(preset, vocab_size=vocab_size)
     model = random_model(cfg, seed=seed)
 
-    _write_json(out / "config.json", cfg.to_hf_dict())
+    _write_json(out / "config.json", cfg.to_hf_dict(_config_token_ids(out)))
     _write_json(out / "preprocessor_config.json", _preprocessor_config(preset))
     _save_sharded(_root_state(model), out, num_shards)
     _write_decoder(model, cfg, out / "diffusion-decoder", seed)
     return out
+
+
+def _config_token_ids(tokenizer_dir: Path) -> dict[str, int]:
+    """The special-token fields of a Qwen2.5-VL config.json, looked up in the tiny tokenizer."""
+    vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in vocab["added_tokens"]}
+    return {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+            "image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+            "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"]}
 
 
 def _root_state(model) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ byte-level BPE tokenizer the `tiny` checkpoint ships.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,19 @@ class SpecialTokens:
         return ids
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' warnings for a block (restoring the user's verbosity after)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load_tokenizer(path: str | Path):
     """The checkpoint's tokenizer through transformers (no remote code, files on disk only)."""
     from transformers import AutoTokenizer
@@ -95,7 +109,8 @@ def load_tokenizer(path: str | Path):
     if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
         raise CheckpointNotFoundError(f"no tokenizer files (tokenizer.json / vocab.json) in {path}")
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+        with quiet_transformers():  # it reads config.json too and warns about BLIP3-o's model_type
+            tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
     except Exception as e:  # transformers raises a zoo of types here; give one typed error
         raise CheckpointError(f"cannot load the tokenizer from {path}: {e}") from e
     if tok.chat_template is None:

@@ -19,9 +19,15 @@ LOGITS_ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def hf_model(tiny_dir):
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    import json
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_dir), dtype=torch.float32,
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    # transformers' from_pretrained mis-parses a config whose model_type is not its own (BLIP3-o saves
+    # "blip3o_qwen"): it reads the vision sub-config as the text config. Parsing the same config.json
+    # with from_dict is exact; the weights then load from the directory's own sharded safetensors.
+    config = Qwen2_5_VLConfig.from_dict(json.loads((tiny_dir / "config.json").read_text()))
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_dir), config=config, dtype=torch.float32,
                                                                attn_implementation="eager")
     return model.eval()
 
