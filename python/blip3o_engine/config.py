@@ -43,6 +43,31 @@ def _pick(cls, raw: dict[str, Any], renames: dict[str, str] | None = None, **ove
     return cls(**kwargs)
 
 
+def _diffusers_raw(file: str, raw: dict[str, Any], defaults: dict[str, Any],
+                   fixed: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
+    """A diffusers config.json as diffusers itself would read it, checked against what we implement.
+
+    Absent keys take diffusers' `__init__` defaults (`defaults`), not ours: diffusers builds the
+    model that way, so e.g. a VAE config without `scaling_factor` means 0.18215, not SDXL's 0.13025.
+    `fixed` lists fields this engine does not model, each with the values it is correct for (the
+    first is diffusers' default); any other value changes the math, so it is refused rather than
+    silently ignored. A list value (diffusers allows per-block lists for some flags) must hold
+    accepted values only.
+    """
+    for key, accepted in fixed.items():
+        value = raw.get(key, accepted[0])
+        items = value if isinstance(value, list) else [value]
+        if not all(_same_value(v, accepted) for v in items):
+            raise ConfigError(f"{file}: {key}={value!r} is not supported; this engine implements "
+                              f"{key}={accepted[0]!r} only")
+    return {**defaults, **raw}
+
+
+def _same_value(value: Any, accepted: tuple[Any, ...]) -> bool:
+    # `True == 1` and `0 == False` in Python: a bool only matches a bool.
+    return any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in accepted)
+
+
 # ------------------------------------------------------------------------------------------------
 # Qwen2.5-VL language model (spec §2)
 
@@ -205,16 +230,26 @@ class UNetConfig:
 
     @classmethod
     def from_diffusers(cls, raw: dict[str, Any]) -> UNetConfig:
-        heads = raw.get("num_attention_heads") or raw.get("attention_head_dim", cls.num_attention_heads)
-        n = len(raw.get("block_out_channels", cls.block_out_channels))
+        """Parse `unet/config.json`; ConfigError for anything the reference UNet does not implement."""
+        file = "unet/config.json"
+        _require(raw.get("_class_name", "UNet2DConditionModel") == "UNet2DConditionModel",
+                 f"{file}: unsupported class {raw.get('_class_name')}")
+        raw = _diffusers_raw(file, raw, _UNET_DIFFUSERS_DEFAULTS, _UNET_FIXED)
+        # diffusers quirk: `num_attention_heads` is unused and `attention_head_dim` holds head counts.
+        heads = raw.get("num_attention_heads") or raw["attention_head_dim"]
+        n = len(raw["block_out_channels"])
         if isinstance(heads, int):
             heads = [heads] * n
-        tlpb = raw.get("transformer_layers_per_block", 1)
+        tlpb = raw["transformer_layers_per_block"]
         if isinstance(tlpb, int):
             tlpb = [tlpb] * n
-        _require(raw.get("_class_name", "UNet2DConditionModel") == "UNet2DConditionModel",
-                 f"unet/config.json: unsupported class {raw.get('_class_name')}")
-        return _pick(cls, raw, num_attention_heads=tuple(heads), transformer_layers_per_block=tuple(tlpb))
+        _require(all(isinstance(x, int) for x in tlpb),
+                 f"{file}: per-layer transformer_layers_per_block {tlpb!r} is not supported")
+        for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim", "norm_num_groups"):
+            _require(raw.get(key) is not None, f"{file}: {key} is required (got {raw.get(key)!r})")
+        # SDXL's file says `upcast_attention: null`; diffusers treats it as False.
+        return _pick(cls, raw, num_attention_heads=tuple(heads), transformer_layers_per_block=tuple(tlpb),
+                     upcast_attention=bool(raw.get("upcast_attention")))
 
     def to_diffusers(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -246,9 +281,14 @@ class VAEConfig:
 
     @classmethod
     def from_diffusers(cls, raw: dict[str, Any]) -> VAEConfig:
+        """Parse `vae/config.json`; ConfigError for anything the reference decoder does not implement."""
+        file = "vae/config.json"
         _require(raw.get("_class_name", "AutoencoderKL") == "AutoencoderKL",
-                 f"vae/config.json: unsupported class {raw.get('_class_name')}")
-        _require(raw.get("shift_factor") in (None, 0, 0.0), "VAE shift_factor is not supported")
+                 f"{file}: unsupported class {raw.get('_class_name')}")
+        raw = _diffusers_raw(file, raw, _VAE_DIFFUSERS_DEFAULTS, _VAE_FIXED)
+        up = raw.get("up_block_types", ["UpDecoderBlock2D"] * len(raw["block_out_channels"]))
+        _require(list(up) == ["UpDecoderBlock2D"] * len(raw["block_out_channels"]),
+                 f"{file}: up_block_types={up!r} is not supported (one UpDecoderBlock2D per block)")
         return _pick(cls, raw)
 
     def to_diffusers(self) -> dict[str, Any]:
@@ -295,15 +335,68 @@ class EulerSchedulerConfig:
 
     @classmethod
     def from_diffusers(cls, raw: dict[str, Any]) -> EulerSchedulerConfig:
+        """Parse `scheduler/scheduler_config.json`; ConfigError for sigma schedules we do not implement."""
+        file = "scheduler/scheduler_config.json"
         _require(raw.get("_class_name", "EulerDiscreteScheduler") == "EulerDiscreteScheduler",
-                 f"scheduler: unsupported class {raw.get('_class_name')}")
-        return _pick(cls, raw)
+                 f"{file}: unsupported class {raw.get('_class_name')}")
+        return _pick(cls, _diffusers_raw(file, raw, _EULER_DIFFUSERS_DEFAULTS, _EULER_FIXED))
 
     def to_diffusers(self) -> dict[str, Any]:
         return {"_class_name": "EulerDiscreteScheduler", **dataclasses.asdict(self),
                 "trained_betas": None, "clip_sample": False, "set_alpha_to_one": False,
                 "skip_prk_steps": True, "sample_max_value": 1.0, "timestep_type": "discrete",
                 "rescale_betas_zero_snr": False, "final_sigmas_type": "zero"}
+
+
+# ------------------------------------------------------------------------------------------------
+# What the diffusers config files may say (diffusers 0.42 `__init__` signatures; a unit test checks
+# these tables against the installed diffusers).
+
+# Defaults diffusers uses for absent keys of the fields we model. UNet `sample_size` is left out:
+# diffusers' default is None, and it only sets our default image size.
+_UNET_DIFFUSERS_DEFAULTS: dict[str, Any] = {
+    "in_channels": 4, "out_channels": 4, "flip_sin_to_cos": True, "freq_shift": 0,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2, "norm_num_groups": 32,
+    "norm_eps": 1e-5, "cross_attention_dim": 1280, "transformer_layers_per_block": 1,
+    "attention_head_dim": 8, "num_attention_heads": None, "use_linear_projection": False,
+    "addition_embed_type": None, "addition_time_embed_dim": None, "upcast_attention": False,
+    "projection_class_embeddings_input_dim": None,
+}
+# Fields we do not model -> the values the reference UNet is correct for (first = diffusers' default).
+# `dropout` and `addition_embed_type_num_heads` (used only by "text" conditioning) do not matter.
+_UNET_FIXED: dict[str, tuple[Any, ...]] = {
+    "center_input_sample": (False,), "act_fn": ("silu",), "downsample_padding": (1,),
+    "mid_block_scale_factor": (1,), "resnet_out_scale_factor": (1.0,), "resnet_time_scale_shift": ("default",),
+    "resnet_skip_time_act": (False,), "time_embedding_type": ("positional",), "time_embedding_dim": (None,),
+    "time_embedding_act_fn": (None,), "timestep_post_act": (None,), "time_cond_proj_dim": (None,),
+    "class_embed_type": (None,), "num_class_embeds": (None,), "class_embeddings_concat": (False,),
+    "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,), "only_cross_attention": (False,),
+    "mid_block_only_cross_attention": (None, False), "dual_cross_attention": (False,),
+    "cross_attention_norm": (None,), "attention_type": ("default",), "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,), "reverse_transformer_layers_per_block": (None,),
+}
+_VAE_DIFFUSERS_DEFAULTS: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (64,),
+    "layers_per_block": 1, "norm_num_groups": 32, "scaling_factor": 0.18215, "sample_size": 32,
+    "force_upcast": True,
+}
+_VAE_FIXED: dict[str, tuple[Any, ...]] = {
+    "act_fn": ("silu",), "shift_factor": (None, 0, 0.0), "latents_mean": (None,), "latents_std": (None,),
+    "use_quant_conv": (True,), "use_post_quant_conv": (True,), "mid_block_add_attention": (True,),
+}
+_EULER_DIFFUSERS_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+    "prediction_type": "epsilon", "interpolation_type": "linear", "use_karras_sigmas": False,
+    "timestep_spacing": "linspace", "steps_offset": 0,
+}
+_EULER_FIXED: dict[str, tuple[Any, ...]] = {
+    "trained_betas": (None,), "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
+    "sigma_min": (None,), "sigma_max": (None,), "timestep_type": ("discrete",),
+    "rescale_betas_zero_snr": (False,), "final_sigmas_type": ("zero",),
+}
 
 
 # ------------------------------------------------------------------------------------------------
