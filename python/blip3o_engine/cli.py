@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,17 +33,31 @@ def _load_engine(args):
 
 
 def cmd_generate(args) -> int:
+    from PIL import Image
+
+    from .errors import InputError
     from .params import ImageParams
 
-    engine = _load_engine(args)
+    # Bad arguments fail before the model loads and before minutes of denoising.
     params = ImageParams(height=args.height, width=args.width, dit_steps=args.dit_steps,
                          dit_guidance=args.dit_guidance, decoder_steps=args.steps,
                          decoder_guidance=args.guidance, seed=args.seed)
+    out = Path(args.output)
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise InputError(f"cannot tell the image format of {out}: use an extension such as .png or .jpg")
+    try:  # a bad output path must fail now, not after the denoising loops
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the output folder {out.parent}: {e}") from e
+    if not os.access(out.parent, os.W_OK):
+        raise InputError(f"output folder {out.parent} is not writable")
+    engine = _load_engine(args)
     start = time.perf_counter()
     result = engine.generate_image(args.prompt, params, image=args.image, progress=True)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result.image.save(out)
+    try:
+        result.image.save(out)
+    except OSError as e:
+        raise InputError(f"cannot write {out}: {e}") from e
     print(f"wrote {out} ({result.image.width}x{result.image.height}, seed {result.seed}) "
           f"in {time.perf_counter() - start:.2f} s", file=sys.stderr)
     return 0
@@ -51,14 +66,14 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from .params import SamplingParams
 
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
     engine = _load_engine(args)
     content = [{"type": "text", "text": args.prompt}]
     if args.image:
         content.insert(0, {"type": "image", "image": args.image})
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": content}]
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
     result = engine.chat(messages, params)
     print(result.text)
     print(f"[{len(result.token_ids)} tokens, finish_reason={result.finish_reason}]", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 from .errors import InputError
@@ -10,6 +11,14 @@ from .errors import InputError
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise InputError(msg)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # True is an int to Python, not a count
+
+
+def _is_num(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -36,15 +45,22 @@ class SamplingParams:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in (self.stop_token_ids or ())))
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+        try:  # operator.index accepts numpy/torch integers and refuses floats and strings
+            ids = tuple(operator.index(t) for t in (self.stop_token_ids or ()))
+        except TypeError:
+            ids = (-1,)
+        _check(all(t >= 0 for t in ids), f"stop_token_ids must be non-negative token ids, got {self.stop_token_ids!r}")
+        object.__setattr__(self, "stop_token_ids", ids)
+        _check(_is_int(self.max_tokens) and self.max_tokens >= 1,
                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        _check(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
-        _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
-        _check(isinstance(self.top_k, int) and self.top_k >= -1, f"top_k must be -1, 0 or >= 1, got {self.top_k}")
-        _check(self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        _check(_is_num(self.temperature) and self.temperature >= 0.0,
+               f"temperature must be a number >= 0, got {self.temperature!r}")
+        _check(_is_num(self.top_p) and 0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check(_is_int(self.top_k) and self.top_k >= -1, f"top_k must be -1, 0 or >= 1, got {self.top_k!r}")
+        _check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0.0,
+               f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
-        _check(self.seed is None or isinstance(self.seed, int), f"seed must be an int or None, got {self.seed!r}")
+        _check(self.seed is None or _is_int(self.seed), f"seed must be an int or None, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -70,12 +86,12 @@ class ImageParams:
     def __post_init__(self) -> None:
         for name in ("height", "width"):
             v = getattr(self, name)
-            _check(v is None or (isinstance(v, int) and v > 0), f"{name} must be a positive int or None, got {v!r}")
+            _check(v is None or (_is_int(v) and v > 0), f"{name} must be a positive int or None, got {v!r}")
         for name in ("dit_steps", "decoder_steps"):
             v = getattr(self, name)
-            _check(isinstance(v, int) and 1 <= v <= 1000, f"{name} must be an int in [1, 1000], got {v!r}")
+            _check(_is_int(v) and 1 <= v <= 1000, f"{name} must be an int in [1, 1000], got {v!r}")
         for name in ("dit_guidance", "decoder_guidance"):
             v = getattr(self, name)
-            _check(isinstance(v, (int, float)) and v >= 0.0, f"{name} must be >= 0, got {v!r}")
-        _check(self.seed is None or (isinstance(self.seed, int) and self.seed >= 0),
+            _check(_is_num(v) and v >= 0.0, f"{name} must be >= 0, got {v!r}")
+        _check(self.seed is None or (_is_int(self.seed) and self.seed >= 0),
                f"seed must be a non-negative int or None, got {self.seed!r}")

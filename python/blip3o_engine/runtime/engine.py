@@ -56,6 +56,8 @@ class Engine:
                         dtype: str | torch.dtype = "float32", backend: str = "reference") -> Engine:
         """Load a checkpoint directory, or a preset: "tiny"/"small" (random weights, made on first use
         in the cache dir) or "4b"/"8b" (the real shapes with random weights, for benchmarks)."""
+        if backend not in BACKENDS:  # fail before minutes of weight loading
+            raise ConfigError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         torch_dtype = dtype_from_name(dtype)
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -213,6 +215,7 @@ class Engine:
         """Stage-1 features of the raw text " " [1, Q, C]: the decoder's CFG null (spec §1.6).
         Computed once per engine and DiT setting, from a fixed seed (0) so results are reproducible."""
         params = params or ImageParams()
+        self._require_generation()
         key = (params.dit_steps, float(params.dit_guidance))
         if key not in self._uncond_cache:
             cond = reference.encode_t2i_prompt(self.model, self.prompts.t2i_uncond(), self.special)
