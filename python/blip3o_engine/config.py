@@ -245,6 +245,8 @@ class UNetConfig:
             tlpb = [tlpb] * n
         _require(all(isinstance(x, int) for x in tlpb),
                  f"{file}: per-layer transformer_layers_per_block {tlpb!r} is not supported")
+        _require(raw["addition_embed_type"] == "text_time",
+                 f"{file}: addition_embed_type={raw['addition_embed_type']!r} is not supported (SDXL text_time only)")
         for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim", "norm_num_groups"):
             _require(raw.get(key) is not None, f"{file}: {key} is required (got {raw.get(key)!r})")
         # SDXL's file says `upcast_attention: null`; diffusers treats it as False.
@@ -494,7 +496,8 @@ class ModelConfig:
         text_raw.update(raw.get("text_config") or {})  # transformers >= 4.5x nests the LLM fields
         rope = text_raw.get("rope_scaling") or text_raw.get("rope_parameters") or {}
         section = rope.get("mrope_section", TextConfig.mrope_section)
-        text = _pick(TextConfig, text_raw, mrope_section=tuple(section))
+        text = _pick(TextConfig, text_raw, mrope_section=tuple(section),
+                     rope_theta=text_raw.get("rope_theta", rope.get("rope_theta", TextConfig.rope_theta)))
         vision = _pick(VisionConfig, raw.get("vision_config") or {}, renames={"in_chans": "in_channels"})
         is_blip3o = model_type in BLIP3O_MODEL_TYPES or "gen_vision_tower" in raw
         dit = None

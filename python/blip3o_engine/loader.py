@@ -15,12 +15,15 @@ Published BLIP3o-Model-4B/8B layout (spec §3):
 
 How memory stays low: every module is built on the meta device (no storage), then each tensor is
 read from the memory-mapped file one at a time, converted to the target dtype/device, and becomes the
-parameter itself (`load_state_dict(assign=True)`). Peak host memory is the loaded model plus one
-tensor, never two copies of the model; keys that are skipped are never read.
+parameter itself (`load_state_dict(assign=True)`). Files are read one at a time and each file's map
+is dropped once read, so peak host memory is the loaded model plus the pages of one shard, never two
+copies of the model (where no dtype/device change is needed, the parameters are views of the map
+itself); keys that are skipped are never read.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -91,6 +94,8 @@ class SafetensorsCheckpoint:
     def from_index(cls, index_path: Path) -> SafetensorsCheckpoint:
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map must map tensor names to file names")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CorruptCheckpointError(f"{index_path} is not a valid safetensors index: {e}") from e
         files = {name: index_path.parent / name for name in set(weight_map.values())}
@@ -113,6 +118,14 @@ class SafetensorsCheckpoint:
 
     def keys(self) -> list[str]:
         return list(self._weight_map)
+
+    def file_of(self, key: str) -> Path:
+        return self._weight_map[key]
+
+    def release(self, path: Path) -> None:
+        """Drop the memory map of `path`. Pages of tensors that were copied out (dtype or device
+        change) then leave the process; tensors that still view the file keep the map alive."""
+        self._handles.pop(path, None)
 
     def info(self, key: str) -> tuple[tuple[int, ...], str]:
         """(shape, safetensors dtype string) without reading the data."""
@@ -184,10 +197,15 @@ def load_components(ckpt: SafetensorsCheckpoint, specs: list[ComponentSpec], dty
             if tuple(got) != tuple(shape):
                 raise ShapeMismatchError(f"{key}: checkpoint has shape {list(got)}, model expects {list(shape)}")
 
+    # Shard by shard, dropping each file's map once read: otherwise, when tensors are converted,
+    # every mapped page stays resident next to its copy and peak RSS reaches checkpoint + model.
     state: list[dict[str, torch.Tensor]] = [{} for _ in specs]
-    for key, (i, name, _) in expected.items():
-        if key in present:
+    to_read = sorted((key for key in expected if key in present), key=lambda key: str(ckpt.file_of(key)))
+    for path, keys in itertools.groupby(to_read, key=ckpt.file_of):
+        for key in keys:
+            i, name, _ = expected[key]
             state[i][name] = ckpt.read(key, dtype, device)
+        ckpt.release(path)
     for spec, sd in zip(specs, state):
         spec.module.load_state_dict(sd, strict=False, assign=True)
         _check_materialized(spec)
