@@ -189,6 +189,11 @@ class AdaRMSNormZero(nn.Module):
         scale_msa, gate_msa, scale_mlp, gate_mlp = self.linear(F.silu(temb)).chunk(4, dim=1)  # [B, D] each
         return self.norm(x) * (1 + scale_msa[:, None]), gate_msa, scale_mlp, gate_mlp
 
+    def modulation(self, temb: torch.Tensor) -> torch.Tensor:
+        """temb `[..., T]` -> `[..., 4, D]` stacked (scale_msa, gate_msa, scale_mlp, gate_mlp): the same
+        `linear(SiLU(temb))` as `forward`, for samplers that tabulate it for all steps before the loop."""
+        return self.linear(F.silu(temb)).unflatten(-1, (4, -1))
+
 
 class DiTAttention(nn.Module):
     """Projections of one attention: bias-free q/k/v, LayerNorm over the full width of q and of k
@@ -266,6 +271,11 @@ class NextDiTBlock(nn.Module):
         ffn_out = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp[:, None]))
         return x + gate_mlp[:, None].tanh() * self.ffn_norm2(ffn_out)
 
+    def cross_key_value(self, cp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys, values `[B, M, H, d]` of the projected caption `cp [B, M, D]`, as `forward`
+        computes them. They do not depend on the latent or the step: a sampler computes them once."""
+        return self.attn2.key_value(self.norm1_context(cp), rope=None)
+
 
 class FinalLayer(nn.Module):
     """`norm_out` (LuminaLayerNormContinuous): LayerNorm without affine, eps 1e-6, scaled (no shift) by
@@ -275,6 +285,10 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.linear_1 = nn.Linear(cfg.time_embed_dim, cfg.hidden_size)
         self.linear_2 = nn.Linear(cfg.hidden_size, cfg.patch_size**2 * cfg.in_channels)
+
+    def scale(self, temb: torch.Tensor) -> torch.Tensor:
+        """temb `[..., T]` -> the output scale `[..., D]` that `forward` applies (before its `1 +`)."""
+        return self.linear_1(F.silu(temb).to(self.linear_1.weight.dtype))
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         scale = self.linear_1(F.silu(temb).to(x.dtype))  # [B, D]
