@@ -15,6 +15,7 @@ effect there either).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,9 @@ from ..errors import ConfigError
 TRANSFORMER_GROUPNORM_EPS = 1e-6
 # diffusers' BasicTransformerBlock default LayerNorm eps.
 LAYERNORM_EPS = 1e-5
+
+# Per-head key and value of one cross-attention layer, [B, heads, M, Dh] each (`Attention.project_kv`).
+KV = tuple[Tensor, Tensor]
 
 
 def timestep_embedding(t: Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float,
@@ -101,7 +105,9 @@ class ResnetBlock2D(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention with diffusers' key names (to_q, to_k, to_v, to_out.0).
 
-    Self-attention when `context` is None, else cross-attention to `context` [B, M, kv_dim].
+    Self-attention when `context` is None, else cross-attention to `context` [B, M, kv_dim]. A
+    caller that attends to the same context many times passes its `project_kv(context)` as `kv`
+    instead (the pixel decoder: the CLIP features are fixed over all UNet steps).
     """
 
     def __init__(self, dim: int, heads: int, kv_dim: int | None = None, qkv_bias: bool = False) -> None:
@@ -114,12 +120,18 @@ class Attention(nn.Module):
         # diffusers' to_out is [Linear, Dropout]; only index 0 holds weights.
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def project_kv(self, context: Tensor) -> KV:
+        """Key and value of `context` [B, M, kv_dim], split into heads: [B, heads, M, Dh] each."""
+        b, m, _ = context.shape
+        k = self.to_k(context).view(b, m, self.heads, -1).transpose(1, 2)  # [B, heads, M, Dh]
+        v = self.to_v(context).view(b, m, self.heads, -1).transpose(1, 2)
+        return k, v
+
+    def forward(self, x: Tensor, context: Tensor | None = None, kv: KV | None = None) -> Tensor:
+        """x [B, N, dim] -> [B, N, dim]. `kv`, when given, replaces projecting `context`."""
         b, n, dim = x.shape
-        context = x if context is None else context
         q = self.to_q(x).view(b, n, self.heads, -1).transpose(1, 2)  # [B, heads, N, Dh]
-        k = self.to_k(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)  # [B, heads, M, Dh]
-        v = self.to_v(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
+        k, v = kv if kv is not None else self.project_kv(x if context is None else context)
         o = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, Dh]
         return self.to_out[0](o.transpose(1, 2).reshape(b, n, dim))
 
@@ -162,9 +174,10 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None, cross_kv: KV | None = None) -> Tensor:
+        """`cross_kv` = attn2.project_kv(context), precomputed; then `context` is not read."""
         x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.attn2(self.norm2(x), context, kv=cross_kv)
         return x + self.ff(self.norm3(x))
 
 
@@ -179,12 +192,14 @@ class Transformer2D(nn.Module):
             [BasicTransformerBlock(channels, heads, cross_dim) for _ in range(depth)])
         self.proj_out = nn.Linear(channels, channels)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None, cross_kv: Iterator[KV] | None = None) -> Tensor:
+        """`cross_kv` yields one precomputed (k, v) per transformer block, in order (see
+        `UNet2DConditional.precompute_cross_kv`)."""
         b, c, h, w = x.shape
         tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, H*W, C]
         tokens = self.proj_in(tokens)
         for block in self.transformer_blocks:
-            tokens = block(tokens, context)
+            tokens = block(tokens, context, None if cross_kv is None else next(cross_kv))
         tokens = self.proj_out(tokens)
         return tokens.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous() + x  # [B, C, H, W]
 
@@ -239,12 +254,13 @@ class DownBlock(nn.Module):
         is_last = index == len(cfg.block_out_channels) - 1
         self.downsamplers = None if is_last else nn.ModuleList([Downsample2D(out)])
 
-    def forward(self, x: Tensor, temb: Tensor, context: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, x: Tensor, temb: Tensor, context: Tensor | None,
+                cross_kv: Iterator[KV] | None = None) -> tuple[Tensor, list[Tensor]]:
         skips = []
         for j, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions is not None:
-                x = self.attentions[j](x, context)
+                x = self.attentions[j](x, context, cross_kv)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -280,13 +296,13 @@ class UpBlock(nn.Module):
                 Transformer2D(out, heads, depth, cfg.cross_attention_dim, groups) for _ in range(num_layers)])
         self.upsamplers = None if index == n - 1 else nn.ModuleList([Upsample2D(out)])
 
-    def forward(self, x: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor,
-                upsample_size: tuple[int, int] | None) -> Tensor:
+    def forward(self, x: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor | None,
+                upsample_size: tuple[int, int] | None, cross_kv: Iterator[KV] | None = None) -> Tensor:
         """`skips` is consumed from its end (one per resnet)."""
         for j, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
             if self.attentions is not None:
-                x = self.attentions[j](x, context)
+                x = self.attentions[j](x, context, cross_kv)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x
@@ -304,9 +320,10 @@ class MidBlockCrossAttn(nn.Module):
             Transformer2D(c, cfg.num_attention_heads[-1], cfg.transformer_layers_per_block[-1],
                           cfg.cross_attention_dim, groups)])
 
-    def forward(self, x: Tensor, temb: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, temb: Tensor, context: Tensor | None,
+                cross_kv: Iterator[KV] | None = None) -> Tensor:
         x = self.resnets[0](x, temb)
-        x = self.attentions[0](x, context)
+        x = self.attentions[0](x, context, cross_kv)
         return self.resnets[1](x, temb)
 
 
@@ -340,38 +357,80 @@ class UNet2DConditional(nn.Module):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
-    def embed(self, timestep: Tensor | float, text_embeds: Tensor, time_ids: Tensor, batch: int,
-              dtype: torch.dtype) -> Tensor:
-        """Conditioning vector [B, time_embed_dim] = time MLP(sinusoid(t)) + add MLP([pooled, sinusoid(ids)])."""
+    def time_embed(self, timesteps: Tensor, dtype: torch.dtype) -> Tensor:
+        """Timestep part of the conditioning vector: time MLP(sinusoid(t)), [N] -> [N, T].
+
+        Row i depends on timesteps[i] only, so the pixel decoder computes all steps' rows in one call.
+        """
         cfg = self.cfg
-        # A Python float becomes fp32 in one rounding, as diffusers' float64 tensor + .float() does.
-        t = torch.as_tensor(timestep, dtype=torch.float32, device=time_ids.device).reshape(-1).expand(batch)  # [B]
-        t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        emb = self.time_embedding(t_emb.to(dtype))  # [B, T]
+        t_emb = timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        return self.time_embedding(t_emb.to(dtype))  # [N, T]
+
+    def added_embed(self, text_embeds: Tensor, time_ids: Tensor, dtype: torch.dtype) -> Tensor:
+        """SDXL added-condition part: add MLP([pooled, sinusoid(ids)]), [B, T]; constant over steps."""
+        cfg = self.cfg
         ids_emb = timestep_embedding(time_ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
                                      cfg.freq_shift).reshape(time_ids.shape[0], -1)  # [B, 6*D], fp32
         add_in = torch.cat([text_embeds.to(dtype), ids_emb.to(dtype)], dim=-1)  # [B, proj_in_dim]
-        return emb + self.add_embedding(add_in)
+        return self.add_embedding(add_in)
 
-    def forward(self, sample: Tensor, timestep: Tensor | float, encoder_hidden_states: Tensor,
-                text_embeds: Tensor, time_ids: Tensor) -> Tensor:
+    def embed(self, timestep: Tensor | float, text_embeds: Tensor, time_ids: Tensor, batch: int,
+              dtype: torch.dtype) -> Tensor:
+        """Conditioning vector [B, time_embed_dim] = time MLP(sinusoid(t)) + add MLP([pooled, sinusoid(ids)])."""
+        # A Python float becomes fp32 in one rounding, as diffusers' float64 tensor + .float() does.
+        t = torch.as_tensor(timestep, dtype=torch.float32, device=time_ids.device).reshape(-1).expand(batch)  # [B]
+        return self.time_embed(t, dtype) + self.added_embed(text_embeds, time_ids, dtype)
+
+    def cross_attention_blocks(self) -> list[BasicTransformerBlock]:
+        """Every transformer block in the order forward runs them (down, mid, up): `cross_kv`'s order."""
+        blocks = []
+        for level in [*self.down_blocks, self.mid_block, *self.up_blocks]:
+            for transformer in level.attentions or ():
+                blocks.extend(transformer.transformer_blocks)
+        return blocks
+
+    def precompute_cross_kv(self, encoder_hidden_states: Tensor) -> list[KV]:
+        """Every block's cross-attention (k, v) of the conditioning tokens [B, N, cross_dim], each
+        [B, heads, N, Dh]: what forward would project at every step, computed once (same ops)."""
+        return [block.attn2.project_kv(encoder_hidden_states) for block in self.cross_attention_blocks()]
+
+    def forward(self, sample: Tensor, timestep: Tensor | float, encoder_hidden_states: Tensor | None,
+                text_embeds: Tensor, time_ids: Tensor, cross_kv: Sequence[KV] | None = None) -> Tensor:
         """sample [B, 4, h, w]; timestep scalar / [] / [1] / [B] (float ok); encoder_hidden_states
-        [B, N, cross_dim]; text_embeds [B, cross_dim]; time_ids [B, 6] -> ε [B, 4, h, w]."""
+        [B, N, cross_dim]; text_embeds [B, cross_dim]; time_ids [B, 6] -> ε [B, 4, h, w].
+        `cross_kv` = precompute_cross_kv(encoder_hidden_states), then encoder_hidden_states may be None."""
         emb = self.embed(timestep, text_embeds, time_ids, sample.shape[0], sample.dtype)  # [B, T]
+        return self.denoise(sample, emb, encoder_hidden_states, cross_kv)
+
+    def denoise(self, sample: Tensor, emb: Tensor, encoder_hidden_states: Tensor | None = None,
+                cross_kv: Sequence[KV] | None = None) -> Tensor:
+        """The network given its conditioning vector emb [B, T] (`embed`): sample [B, 4, h, w] -> ε.
+
+        Cross-attention reads `cross_kv` (one (k, v) per block, `precompute_cross_kv`) when given,
+        else projects `encoder_hidden_states` [B, N, cross_dim] in every block.
+        """
         context = encoder_hidden_states
+        kv = None
+        if cross_kv is not None:
+            if len(cross_kv) != len(self.cross_attention_blocks()):
+                raise ValueError(f"cross_kv has {len(cross_kv)} entries, the UNet has "
+                                 f"{len(self.cross_attention_blocks())} cross-attention blocks")
+            kv = iter(cross_kv)  # each transformer block takes the next (k, v)
+        elif context is None:
+            raise ValueError("denoise needs encoder_hidden_states or cross_kv")
         x = self.conv_in(sample)  # [B, C0, h, w]
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = block(x, emb, context)
+            x, block_skips = block(x, emb, context, kv)
             skips.extend(block_skips)
-        x = self.mid_block(x, emb, context)
+        x = self.mid_block(x, emb, context, kv)
         for block in self.up_blocks:
             n = len(block.resnets)
             # After this block takes its n skips, the next skip's size is the size to upsample to.
             size = tuple(skips[-n - 1].shape[-2:]) if block.upsamplers is not None else None
-            x = block(x, skips, emb, context, size)
+            x = block(x, skips, emb, context, size, kv)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
 __all__ = ["UNet2DConditional", "sdxl_time_ids", "timestep_embedding", "ResnetBlock2D", "Attention",
-           "Upsample2D", "Downsample2D", "Transformer2D"]
+           "Upsample2D", "Downsample2D", "Transformer2D", "KV"]
