@@ -73,6 +73,8 @@ class ImageParams:
 
     height/width None = the model's native size (1024 for the released models). `seed` None draws a
     fresh seed, reported back in `ImageResult.seed`; image i of a batch uses `seed + i`.
+    `max_batch_size` caps how many images denoise together (None = all prompts of one call), to
+    bound GPU memory; it never changes the images.
     """
 
     height: int | None = None
@@ -82,8 +84,11 @@ class ImageParams:
     decoder_steps: int = 50
     decoder_guidance: float = 3.0
     seed: int | None = None
+    max_batch_size: int | None = None
 
     def __post_init__(self) -> None:
+        _check(self.max_batch_size is None or (_is_int(self.max_batch_size) and self.max_batch_size >= 1),
+               f"max_batch_size must be an int >= 1 or None, got {self.max_batch_size!r}")
         for name in ("height", "width"):
             v = getattr(self, name)
             _check(v is None or (_is_int(v) and v > 0), f"{name} must be a positive int or None, got {v!r}")

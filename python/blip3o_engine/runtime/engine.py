@@ -1,12 +1,14 @@
 """`Engine`: the public entry point (chat, text-to-image, and the stage methods parity tests use).
 
-Backends: "reference" runs `runtime/reference.py` as is. "optimized" is accepted and, until the
-AR-engine and generation-engine work lands, runs the same reference path.
+Backends: "reference" runs `runtime/reference.py` one request at a time. "optimized" runs
+text-to-image through `runtime/t2i.py::OptimizedT2I` (batched prefill, hoisted and graph-captured
+DiT loop, cached-K/V and compiled decoder); its chat still runs the reference path until the AR
+engine (paged KV, continuous batching) lands.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import secrets
 import time
 from collections.abc import Callable
@@ -25,6 +27,7 @@ from ..prompts import PromptBuilder
 from ..tiny import CHECKPOINT_PRESETS, preset_checkpoint
 from ..tokenization import SpecialTokens, load_image_processor, load_tokenizer
 from . import reference
+from .t2i import OptimizedT2I, ReferenceT2I
 
 BACKENDS = ("reference", "optimized")
 # Progress reporting: True draws tqdm bars; a callable gets (stage, step, total) with stage in
@@ -48,6 +51,7 @@ class Engine:
         # Stage-1 features of the decoder's null prompt " ", computed once per engine (as the
         # official pipeline caches them per process), keyed by the DiT settings that made them.
         self._uncond_cache: dict[tuple[int, float], torch.Tensor] = {}
+        self._runner: ReferenceT2I | None = None
 
     # ------------------------------------------------------------------------------ construction
 
@@ -133,38 +137,51 @@ class Engine:
     def generate_images(self, prompts: list[str], params: ImageParams | None = None,
                         images: list[Any] | None = None, progress: Progress = False) -> list[ImageResult]:
         """Text-to-image for each prompt (optionally conditioned on an input image each).
-        Image i uses seed `params.seed + i`, so results do not depend on batch composition."""
+
+        Prompts run together as one batch (at most `params.max_batch_size` at a time). Image i uses
+        seed `params.seed + i` for its noise, so its result does not depend on the batch it ran in.
+        Every prompt and image is validated before any work starts.
+        """
         params = params or ImageParams()
         self._require_generation()
-        if isinstance(prompts, str) or not prompts:
+        if isinstance(prompts, str) or not isinstance(prompts, list) or not prompts:
             raise InputError("generate_images expects a non-empty list of prompt strings")
         images = images if images is not None else [None] * len(prompts)
         if len(images) != len(prompts):
             raise InputError(f"{len(prompts)} prompts but {len(images)} images")
         height, width = self.image_size(params)
         base_seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
-        prepared = [self.prompts.t2i(p, img) for p, img in zip(prompts, images)]  # validate all first
-        results = []
-        for i, prompt in enumerate(prepared):
-            timings: dict[str, float] = {}
-            t0 = time.perf_counter()
-            cond = reference.encode_t2i_prompt(self.model, prompt, self.special)
-            timings["prefill"] = time.perf_counter() - t0
-            one = dataclasses.replace(params, seed=base_seed + i)
-            t0 = time.perf_counter()
-            feats = self.sample_clip_features(cond[None], one, progress=progress)
-            timings["dit"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            pixels = self._decode(feats, one, height, width, None, None, progress)
-            timings["decoder"] = time.perf_counter() - t0
-            timings["total"] = sum(timings.values())
-            results.append(ImageResult(Image.fromarray(pixels[0].cpu().numpy()), feats[0], base_seed + i, timings))
+        prepared = [self.prompts.t2i(p, img) for p, img in zip(prompts, images)]
+        uncond = self.uncond_features(params)
+        cap = params.max_batch_size or len(prepared)
+        results: list[ImageResult] = []
+        for start in range(0, len(prepared), cap):
+            seeds = [base_seed + start + i for i in range(len(prepared[start:start + cap]))]
+            results += self._generate_batch(prepared[start:start + cap], seeds, params, uncond, height, width,
+                                            progress)
         return results
+
+    def _generate_batch(self, prompts, seeds, params, uncond, height, width, progress) -> list[ImageResult]:
+        runner = self._t2i_runner()
+        dit_noise, unet_noise = self._draw_noise(seeds, [self._dit_noise_shape(), self._latent_shape(height, width)])
+        timings: dict[str, float] = {}
+        with self._timed(timings, "prefill"):
+            cond = runner.encode(prompts)  # [B, Q, H]
+        with self._timed(timings, "dit"):
+            feats = runner.sample(cond, dit_noise, params.dit_steps, params.dit_guidance,
+                                  self._callback(progress, "dit", params.dit_steps))  # [B, Q, C]
+        with self._timed(timings, "decoder"):
+            pixels = runner.decode(feats, uncond.expand(len(prompts), -1, -1), unet_noise, params.decoder_steps,
+                                   params.decoder_guidance, self._callback(progress, "decoder", params.decoder_steps))
+        timings["total"] = sum(timings.values())
+        images = pixels.cpu().numpy()  # [B, H, W, 3] uint8
+        return [ImageResult(Image.fromarray(img), f, seed, dict(timings, batch_size=len(prompts)))
+                for img, f, seed in zip(images, feats, seeds)]
 
     def encode_prompt(self, prompt: str, image: Any = None) -> torch.Tensor:
         """Stage-1 prefill: the 64 query hidden states [Q, H] for a caption (and optional image)."""
         self._require_generation()
-        return reference.encode_t2i_prompt(self.model, self.prompts.t2i(prompt, image), self.special)
+        return self._t2i_runner().encode([self.prompts.t2i(prompt, image)])[0]
 
     def sample_clip_features(self, cond: torch.Tensor, params: ImageParams | None = None,
                              noise: torch.Tensor | None = None, progress: Progress = False) -> torch.Tensor:
@@ -172,44 +189,40 @@ class Engine:
         noise: [B, C, S, S] standard normal; None draws it from `params.seed` (+ i for row i)."""
         params = params or ImageParams()
         self._require_generation()
-        dit = self.cfg.dit
         if cond.ndim != 3 or cond.shape[1:] != (self.cfg.n_query, self.cfg.text.hidden_size):
             raise InputError(f"cond must be [B, {self.cfg.n_query}, {self.cfg.text.hidden_size}], got {list(cond.shape)}")
-        shape = (dit.in_channels, dit.input_size, dit.input_size)
-        noise = self._noise_or_draw(noise, cond.shape[0], params, [shape])[0]
-        return reference.sample_clip_features(self.model, cond.to(self.device), noise, params.dit_steps,
-                                              params.dit_guidance, self._callback(progress, "dit", params.dit_steps))
+        b = cond.shape[0]
+        if noise is None:
+            noise = self._draw_noise(self._seeds(params, b), [self._dit_noise_shape()])[0]
+        noise = self._check_noise(noise, (b, *self._dit_noise_shape()))
+        return self._t2i_runner().sample(cond.to(self.device, self.model.dtype), noise, params.dit_steps,
+                                         params.dit_guidance, self._callback(progress, "dit", params.dit_steps))
 
     def decode_pixels(self, feats: torch.Tensor, params: ImageParams | None = None, noise: torch.Tensor | None = None,
                       uncond: torch.Tensor | None = None, progress: Progress = False) -> list[Image.Image]:
         """Pixel decoder: CLIP features [B, Q, C] -> PIL images.
-        noise: [B, 4, H/8, W/8] standard normal before scaling by the scheduler's initial sigma.
+        noise: [B, 4, H/8, W/8] standard normal before scaling by the scheduler's initial sigma
+        (None = drawn from `params.seed` + row, after that seed's DiT noise, as generate_image does).
         uncond: [1 or B, Q, C] null features (None = the cached stage-1 features of " ")."""
         params = params or ImageParams()
         self._require_generation()
         height, width = self.image_size(params)
-        pixels = self._decode(feats, params, height, width, noise, uncond, progress)
-        return [Image.fromarray(p.cpu().numpy()) for p in pixels]
-
-    def _decode(self, feats, params, height, width, noise, uncond, progress) -> torch.Tensor:
         q, c = self.cfg.n_query, self.cfg.dit.in_channels
         if feats.ndim != 3 or feats.shape[1:] != (q, c):
             raise InputError(f"features must be [B, {q}, {c}], got {list(feats.shape)}")
         b = feats.shape[0]
-        if uncond is None:
-            uncond = self.uncond_features(params)
+        uncond = self.uncond_features(params) if uncond is None else uncond
         if uncond.ndim != 3 or uncond.shape[0] not in (1, b) or uncond.shape[1:] != (q, c):
             raise InputError(f"uncond must be [1 or {b}, {q}, {c}], got {list(uncond.shape)}")
-        f = self.cfg.vae.scale_factor
-        dit_shape = (c, self.cfg.dit.input_size, self.cfg.dit.input_size)
-        latent_shape = (self.cfg.unet.in_channels, height // f, width // f)
+        latent_shape = self._latent_shape(height, width)
         if noise is None:  # the seed's stream: DiT noise first, then UNet noise (official order, spec §1.7)
-            noise = self._noise_or_draw(None, b, params, [dit_shape, latent_shape])[1]
-        else:
-            noise = self._noise_or_draw(noise, b, params, [latent_shape])[0]
-        return reference.decode_pixels(self.model, feats.to(self.device), uncond.to(self.device).expand(b, -1, -1),
-                                       noise, params.decoder_steps, params.decoder_guidance,
-                                       self._callback(progress, "decoder", params.decoder_steps))
+            noise = self._draw_noise(self._seeds(params, b), [self._dit_noise_shape(), latent_shape])[1]
+        noise = self._check_noise(noise, (b, *latent_shape))
+        dtype = self.model.dtype
+        pixels = self._t2i_runner().decode(feats.to(self.device, dtype), uncond.to(self.device, dtype).expand(b, -1, -1),
+                                           noise, params.decoder_steps, params.decoder_guidance,
+                                           self._callback(progress, "decoder", params.decoder_steps))
+        return [Image.fromarray(p) for p in pixels.cpu().numpy()]
 
     def uncond_features(self, params: ImageParams | None = None) -> torch.Tensor:
         """Stage-1 features of the raw text " " [1, Q, C]: the decoder's CFG null (spec §1.6).
@@ -218,9 +231,9 @@ class Engine:
         self._require_generation()
         key = (params.dit_steps, float(params.dit_guidance))
         if key not in self._uncond_cache:
-            cond = reference.encode_t2i_prompt(self.model, self.prompts.t2i_uncond(), self.special)
+            cond = self._t2i_runner().encode([self.prompts.t2i_uncond()])
             null_params = ImageParams(dit_steps=params.dit_steps, dit_guidance=params.dit_guidance, seed=0)
-            self._uncond_cache[key] = self.sample_clip_features(cond[None], null_params)
+            self._uncond_cache[key] = self.sample_clip_features(cond, null_params)
         return self._uncond_cache[key]
 
     # ------------------------------------------------------------------------------ helpers
@@ -234,17 +247,47 @@ class Engine:
             raise InputError(f"height and width must be multiples of {multiple}, got {height}x{width}")
         return height, width
 
-    def _noise_or_draw(self, noise, batch, params, shapes) -> list[torch.Tensor]:
-        """Given noise is checked against the last shape; otherwise every shape is drawn in order from
-        one CPU generator per row seeded with seed + row (device-independent), and all are returned."""
-        if noise is not None:
-            want = (batch, *shapes[-1])
-            if tuple(noise.shape) != want:
-                raise InputError(f"noise must have shape {list(want)}, got {list(noise.shape)}")
-            return [noise.to(self.device, torch.float32)]
-        seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
-        gens = [torch.Generator().manual_seed(seed + row) for row in range(batch)]
-        return [torch.stack([torch.randn(s, generator=g) for g in gens]).to(self.device) for s in shapes]
+    def _t2i_runner(self) -> ReferenceT2I:
+        """The stage runner of this engine's backend, built on first use (the optimized one
+        precomputes constant DiT branches and may compile)."""
+        if self._runner is None:
+            self._runner = (OptimizedT2I(self.model, self.special) if self.backend == "optimized"
+                            else ReferenceT2I(self.model, self.special))
+        return self._runner
+
+    def _dit_noise_shape(self) -> tuple[int, int, int]:
+        dit = self.cfg.dit
+        return (dit.in_channels, dit.input_size, dit.input_size)
+
+    def _latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.cfg.vae.scale_factor
+        return (self.cfg.unet.in_channels, height // f, width // f)
+
+    @staticmethod
+    def _seeds(params: ImageParams, batch: int) -> list[int]:
+        base = params.seed if params.seed is not None else secrets.randbelow(2**31)
+        return [base + row for row in range(batch)]
+
+    def _draw_noise(self, seeds: list[int], shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+        """Standard normal noise per row from a CPU generator seeded with that row's seed (device-
+        independent); each row draws `shapes` in order and one stacked tensor per shape is returned."""
+        gens = [torch.Generator().manual_seed(seed) for seed in seeds]
+        return [torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device) for shape in shapes]
+
+    def _check_noise(self, noise: torch.Tensor, want: tuple[int, ...]) -> torch.Tensor:
+        if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != want:
+            got = list(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+            raise InputError(f"noise must have shape {list(want)}, got {got}")
+        return noise.to(self.device, torch.float32)
+
+    @contextlib.contextmanager
+    def _timed(self, timings: dict[str, float], stage: str):
+        """Wall time of a stage; on CUDA, synchronizes at the stage boundary (never inside a loop)."""
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        timings[stage] = time.perf_counter() - start
 
     def _require_generation(self) -> None:
         if not self.cfg.can_generate_images:
