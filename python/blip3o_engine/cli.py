@@ -1,4 +1,4 @@
-"""`blip3o-engine` command line: generate, chat, make-tiny."""
+"""`blip3o-engine` command line: generate, chat, make-tiny, bench."""
 
 from __future__ import annotations
 
@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", default="tiny", choices=["tiny", "small"])
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_make_tiny)
+
+    from .bench.cli import add_bench_parser  # argparse only; the benchmark code loads when run
+
+    add_bench_parser(sub)
     return parser
 
 

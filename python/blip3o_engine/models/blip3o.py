@@ -109,23 +109,28 @@ def random_model(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.flo
     """A model with seeded random weights whose scales keep activations O(1) through the stack.
 
     Every tensor is random (norm scales around 1, gates non-zero) rather than PyTorch's default
-    init, whose zeros and ones would hide wiring mistakes in parity tests.
+    init, whose zeros and ones would hide wiring mistakes in parity tests. Tensors are drawn on
+    `device` by a generator there (a CPU draw of 12 B parameters for the 4b/8b presets would take
+    minutes), so the same seed gives different numbers on CPU and CUDA.
     """
+    device = torch.device(device)
     model = build_on_meta(lambda: Blip3oModel(cfg))
-    gen = torch.Generator().manual_seed(seed)
-    state = {name: _random_tensor(name, p.shape, gen).to(device=device, dtype=dtype)
+    gen = torch.Generator(device).manual_seed(seed)
+    state = {name: _random_tensor(name, p.shape, gen, device).to(dtype)
              for name, p in model.state_dict(keep_vars=True).items()}
     model.load_state_dict(state, assign=True)
     return model.eval().requires_grad_(False)
 
 
-def _random_tensor(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
+def _random_tensor(name: str, shape: torch.Size, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """fp32 draw on `device`, scaled by what the tensor is."""
+    x = torch.randn(shape, generator=gen, device=device)
     leaf = name.rsplit(".", 1)[-1]
     if len(shape) == 1 and leaf == "weight":  # norm scales
-        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        return 1.0 + 0.1 * x
     if leaf == "bias" or len(shape) == 1:  # biases and the DiT's per-head gates
-        return 0.1 * torch.randn(shape, generator=gen)
+        return 0.1 * x
     if name == "queries.weight":
-        return torch.randn(shape, generator=gen)
+        return x
     fan_in = math.prod(shape[1:])  # Linear [out, in], Conv [out, in, *k], Embedding [vocab, H]
-    return torch.randn(shape, generator=gen) / math.sqrt(fan_in)
+    return x / math.sqrt(fan_in)

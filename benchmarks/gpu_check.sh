@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The one prepared script for a lent GPU machine (docs: the shared GPU.md notes; benchmarks/results/README.md).
+#
+#   bash benchmarks/gpu_check.sh        # from the repository root, on the GPU machine
+#
+# 1. installs the project without network (pip --no-build-isolation --no-deps -e .); wheels for
+#    missing packages may be carried in .whl/ and are put on PYTHONPATH first;
+# 2. runs `pytest -m gpu` — any failure makes the script exit non-zero (after the benchmarks, so a
+#    lent machine's minutes still give numbers), with a loud line at the end;
+# 3. benchmarks `bench all` at the 8b shapes (random bf16 weights), optimized vs reference, floors
+#    from ceilings measured in the same run; then 4b if enough time is left;
+# 4. writes everything to $OUT when set (else ./gpu_check_out): env.txt, pytest_gpu.log, bench.csv,
+#    bench_8b.log, bench_4b.log, bench_8b.png / bench_4b.png (when matplotlib is there);
+#    and prints a short table last.
+#
+# Time: sized to end within ~8 minutes on an H100 (each step has its own timeout; the CSV is
+# appended stage by stage, so a step cut short keeps what it measured).
+#
+# Dry run on a CPU machine (checks the script's plumbing, not the GPU):
+#   GPU_CHECK_DEVICE=cpu GPU_CHECK_MODELS="tiny small" GPU_CHECK_SKIP_INSTALL=1 PYTHON=/path/to/python \
+#     bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+START=$(date +%s)
+DEST=${OUT:-$PWD/gpu_check_out}
+mkdir -p "$DEST"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+export BLIP3O_ENGINE_CACHE=${BLIP3O_ENGINE_CACHE:-/tmp/blip3o_engine_cache}  # tiny checkpoint, built once
+elapsed() { echo $(( $(date +%s) - START )); }
+status=0
+notes=()
+
+echo "== environment"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1  # read-only query
+  $PY -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
+  git rev-parse --short=12 HEAD 2>/dev/null || echo "commit unknown (no .git)"
+} > "$DEST/env.txt" 2>&1
+cat "$DEST/env.txt"
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  echo "== carried wheels"
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || { echo "FAILED to install carried wheels"; exit 1; }
+fi
+
+echo "== install ($(elapsed) s)"
+if [ -n "${GPU_CHECK_SKIP_INSTALL:-}" ]; then
+  echo "skipped (GPU_CHECK_SKIP_INSTALL)"
+elif ! timeout 150 $PY -m pip install -q --no-build-isolation --no-deps -e . >> "$DEST/env.txt" 2>&1; then
+  tail -30 "$DEST/env.txt"
+  echo "INSTALL FAILED (log in env.txt)"
+  exit 1
+fi
+
+echo "== pytest -m gpu ($(elapsed) s)"
+# Whole suite collected: a module that cannot even be imported here fails the check too.
+timeout 150 $PY -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$DEST/pytest_gpu.log"
+rc=${PIPESTATUS[0]}
+if [ "$rc" -ne 0 ]; then
+  status=1
+  notes+=("GPU TESTS FAILED: pytest -m gpu exited $rc (5 = no test ran, 124 = timed out); see pytest_gpu.log")
+fi
+
+PLOT=()
+if $PY -c "import matplotlib" 2>/dev/null; then PLOT=(--plot); else echo "matplotlib is not installed here: plots skipped"; fi
+# Repetitions sized for the 8b shapes on an H100 from an estimate (no GPU run yet): the 50-step
+# decoder loop and end-to-end T2I should take ~2-3 s a run in the eager reference; chat_batch at
+# batch 8 decodes the 8 requests one after another. Check bench_8b.log's run counts after a run.
+read -r -a MODELS <<< "${GPU_CHECK_MODELS:-8b 4b}"  # the first must run; the second if time allows
+BENCH=(--device "${GPU_CHECK_DEVICE:-cuda}" --backend optimized,reference --batch 1,8 --gen-tokens 16 --warmup 1 --reps 5 --min-reps 3
+       --budget-s 6 --csv "$DEST/bench.csv")
+
+bench() {  # bench PRESET TIMEOUT_S
+  local preset=$1 limit=$2 plot=()
+  [ ${#PLOT[@]} -gt 0 ] && plot=(--plot "$DEST/bench_$preset.png")
+  echo "== bench all --model $preset ($(elapsed) s, limit $limit s)"
+  timeout "$limit" $PY -m blip3o_engine.bench all --model "$preset" "${BENCH[@]}" "${plot[@]}" 2>&1 \
+    | tee "$DEST/bench_$preset.log"
+  return "${PIPESTATUS[0]}"
+}
+
+bench "${MODELS[0]}" 240
+rc=$?
+if [ "$rc" -ne 0 ]; then
+  status=1
+  notes+=("${MODELS[0]} BENCH FAILED: exit $rc (124 = timed out; rows measured so far are in bench.csv); see bench_${MODELS[0]}.log")
+fi
+
+if [ ${#MODELS[@]} -gt 1 ]; then
+  left=$(( 450 - $(elapsed) ))
+  if [ "$left" -ge 150 ]; then
+    bench "${MODELS[1]}" "$left"
+    rc=$?
+    if [ "$rc" -eq 124 ]; then
+      notes+=("${MODELS[1]} bench stopped at its time limit: partial rows in bench.csv")
+    elif [ "$rc" -ne 0 ]; then
+      status=1
+      notes+=("${MODELS[1]} BENCH FAILED: exit $rc; see bench_${MODELS[1]}.log")
+    fi
+  else
+    notes+=("${MODELS[1]} bench skipped: only $left s left of the time plan")
+  fi
+fi
+
+echo
+echo "== summary ($(elapsed) s); full rows in bench.csv"
+if [ -s "$DEST/bench.csv" ]; then
+  $PY benchmarks/make_readme_table.py --csv "$DEST/bench.csv" --brief --all-runs
+fi
+for n in "${notes[@]}"; do echo "!! $n"; done
+if [ "$status" -ne 0 ]; then
+  echo "GPU CHECK FAILED"
+else
+  echo "GPU CHECK PASSED"
+fi
+exit "$status"
