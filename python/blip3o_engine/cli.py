@@ -20,13 +20,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--backend", default="optimized", choices=["optimized", "reference"])
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decoder (optimized backend; default: on for CUDA, off for CPU)")
 
 
 def _load_engine(args):
     from .runtime.engine import Engine
 
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, backend=args.backend)
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, backend=args.backend,
+                                    compile=args.compile)
     if engine.is_random_preset:
         print(RANDOM_BANNER.format(name=args.model), file=sys.stderr)
     return engine

@@ -58,6 +58,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=20.0,
                    help="stop timing a stage after this many seconds once min-reps are done (default 20)")
     p.add_argument("--only", type=_names, default=(), help="comma-separated stage names to run (default: all)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the optimized decoder (default: on for CUDA, off for CPU); the first "
+                        "(warm-up) run's time, which includes compiling, is reported as cold_ms")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--csv", default=None, help="append rows to this CSV file")
@@ -104,7 +107,7 @@ def run_bench(args: argparse.Namespace) -> int:
     modes = list(ALL_ORDER) if args.mode == "all" else [args.mode]
     date, load = utc_now(), host_load()
     print(f"loading {args.model} on {device} ...", file=sys.stderr, flush=True)
-    loaded = load_engines(args.model, device, args.dtype, list(args.backend))
+    loaded = load_engines(args.model, device, args.dtype, list(args.backend), compile=args.compile)
     first = next(iter(loaded.engines.values()))
     dtype = str(first.model.dtype).replace("torch.", "")
     print(f"loaded in {loaded.load_s:.1f} s ({dtype})", file=sys.stderr, flush=True)

@@ -32,7 +32,8 @@ def default_dtype(device: torch.device) -> str:
     return "float32" if device.type == "cpu" else "bfloat16"
 
 
-def load_engines(model: str, device: torch.device, dtype: str | None, backends: list[str]) -> LoadedEngines:
+def load_engines(model: str, device: torch.device, dtype: str | None, backends: list[str],
+                 compile: bool | None = None) -> LoadedEngines:
     """Build the model once and wrap it in one Engine per backend (first backend's engine owns it)."""
     for b in backends:
         if b not in BACKENDS:
@@ -42,10 +43,10 @@ def load_engines(model: str, device: torch.device, dtype: str | None, backends: 
     key = model.lower()
     is_preset = key in PRESETS and not Path(model).is_dir()
     # 4b/8b presets draw random weights on the device itself (models.blip3o.random_model).
-    first = Engine.from_pretrained(model, device=device, dtype=torch_dtype, backend=backends[0])
+    first = Engine.from_pretrained(model, device=device, dtype=torch_dtype, backend=backends[0], compile=compile)
     engines = {backends[0]: first}
     for b in backends[1:]:
-        engines[b] = Engine(first.model, first.tokenizer, first.prompts.image_processor, backend=b,
+        engines[b] = Engine(first.model, first.tokenizer, first.prompts.image_processor, backend=b, compile=compile,
                             name=first.name)
         engines[b].is_random_preset = first.is_random_preset
     if device.type == "cuda":

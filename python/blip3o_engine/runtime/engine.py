@@ -37,7 +37,7 @@ Progress = bool | Callable[[str, int, int], None]
 
 class Engine:
     def __init__(self, model: Blip3oModel, tokenizer: Any, image_processor: Any, backend: str = "reference",
-                 name: str = "custom"):
+                 name: str = "custom", compile: bool | None = None):
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         self.model = model
@@ -47,6 +47,9 @@ class Engine:
         self.prompts = PromptBuilder(tokenizer, image_processor, self.special, self.cfg.vision.spatial_merge_size)
         self.backend = backend
         self.name = name
+        # Optimized backend only: torch.compile the decoder (None = on CUDA, off on CPU, where
+        # inductor needs minutes on a 2-core machine before the first image).
+        self.compile = compile
         self.is_random_preset = False
         # Stage-1 features of the decoder's null prompt " ", computed once per engine (as the
         # official pipeline caches them per process), keyed by the DiT settings that made them.
@@ -57,7 +60,8 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model: str | Path = "tiny", device: str | torch.device = "cpu",
-                        dtype: str | torch.dtype = "float32", backend: str = "reference") -> Engine:
+                        dtype: str | torch.dtype = "float32", backend: str = "reference",
+                        compile: bool | None = None) -> Engine:
         """Load a checkpoint directory, or a preset: "tiny"/"small" (random weights, made on first use
         in the cache dir) or "4b"/"8b" (the real shapes with random weights, for benchmarks)."""
         if backend not in BACKENDS:  # fail before minutes of weight loading
@@ -69,23 +73,24 @@ class Engine:
         name = str(model)
         is_preset = name.lower() in PRESETS and not Path(name).is_dir()
         if is_preset and name.lower() not in CHECKPOINT_PRESETS:
-            return cls._random_real_shapes(name.lower(), device, torch_dtype, backend)
+            return cls._random_real_shapes(name.lower(), device, torch_dtype, backend, compile)
         path = preset_checkpoint(name.lower()) if is_preset else Path(name)
         if not path.is_dir():
             raise CheckpointNotFoundError(
                 f"{name!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
         cfg = ModelConfig.from_checkpoint(path)
         weights = load_model(path, cfg, torch_dtype, device)
-        engine = cls(weights, load_tokenizer(path), load_image_processor(path), backend, name=name)
+        engine = cls(weights, load_tokenizer(path), load_image_processor(path), backend, name=name, compile=compile)
         engine.is_random_preset = is_preset
         return engine
 
     @classmethod
-    def _random_real_shapes(cls, name: str, device: torch.device, dtype: torch.dtype, backend: str) -> Engine:
+    def _random_real_shapes(cls, name: str, device: torch.device, dtype: torch.dtype, backend: str,
+                            compile: bool | None) -> Engine:
         """4b/8b shapes with random weights; text I/O through the tiny tokenizer (benchmarks only)."""
         tiny = preset_checkpoint("tiny")
         weights = random_model(preset_config(name), dtype=dtype, device=device)
-        engine = cls(weights, load_tokenizer(tiny), load_image_processor(tiny), backend, name=name)
+        engine = cls(weights, load_tokenizer(tiny), load_image_processor(tiny), backend, name=name, compile=compile)
         engine.is_random_preset = True
         return engine
 
@@ -251,7 +256,7 @@ class Engine:
         """The stage runner of this engine's backend, built on first use (the optimized one
         precomputes constant DiT branches and may compile)."""
         if self._runner is None:
-            self._runner = (OptimizedT2I(self.model, self.special) if self.backend == "optimized"
+            self._runner = (OptimizedT2I(self.model, self.special, compile=self.compile) if self.backend == "optimized"
                             else ReferenceT2I(self.model, self.special))
         return self._runner
 
