@@ -73,7 +73,8 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> str:
-    """Short commit of the source tree, "-dirty" when tracked files differ; $BLIP3O_BENCH_COMMIT wins
+    """Short commit of the source tree, "-dirty" when tracked files other than benchmark results
+    differ (a run rewriting benchmarks/results/ is not a code change); $BLIP3O_BENCH_COMMIT wins
     (for copies of the tree without .git); "unknown" when neither is available."""
     if os.environ.get("BLIP3O_BENCH_COMMIT"):
         return os.environ["BLIP3O_BENCH_COMMIT"]
@@ -81,8 +82,9 @@ def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                              text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        status = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, check=True, timeout=10).stdout.splitlines()
+        dirty = [line for line in status if "benchmarks/results/" not in line]
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return sha + ("-dirty" if dirty else "")
