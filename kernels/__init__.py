@@ -9,8 +9,13 @@ wrappers in `blip3o_engine.ops` dispatch here and carry the torch reference twin
 What is here:
 - `triton/dit_norms.py`: the NextDiT block's per-token fused norms — `rms_norm_modulate` (AdaRMSNormZero),
   `gated_rms_residual` (tanh-gated RMSNorm residual), `layer_norm_rope` (q/k LayerNorm + 2-D RoPE);
-- `triton/swiglu.py`: the DiT feed-forward's SiLU(gate) * up;
+- `triton/swiglu.py`: SiLU(gate) * up (the DiT feed-forward and the LLM's silu_and_mul);
+- `triton/paged_attention.py`, `triton/kv_cache.py`, `triton/llm_norms.py`, `triton/mrope.py`: the
+  paged-KV language-model path — decode and varlen prefill attention over a block table (GQA),
+  KV-cache writes through a slot mapping, (fused add +) RMSNorm, M-RoPE rotary;
 - `triton/__init__.py`: `KernelSpec` and `compile_all()`, the CI compile gate over every Triton kernel
-  (sm_80, sm_90), run by tests/kernels/test_compile_gate.py.
-The wrappers and reference twins are in `blip3o_engine.ops.dit_ops`. No CUDA C++ kernels yet.
+  (sm_80, sm_90), run by tests/kernels/test_compile_gate.py;
+- `nvrtc.py` + `cuda/sampling.cu`: the NVRTC build/cache/launch layer and the fused batched
+  logits-preparation kernel (repetition penalty, temperature, top-k, greedy argmax).
+The wrappers and reference twins are in `blip3o_engine.ops` (`dit_ops`, `llm_ops`, `sampling_ops`).
 """

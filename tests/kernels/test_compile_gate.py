@@ -28,7 +28,8 @@ print(json.dumps({"rows": rows, "seconds": time.perf_counter() - start}))
 
 # The kernels that exist today; the gate must cover at least these (an empty registry would pass vacuously).
 EXPECTED_KERNELS = {"rms_norm_modulate_kernel", "gated_rms_residual_kernel", "layer_norm_rope_kernel",
-                    "swiglu_kernel"}
+                    "swiglu_kernel", "paged_decode_kernel", "paged_prefill_kernel", "write_kv_cache_kernel",
+                    "rms_norm_kernel", "mrope_kernel"}
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
@@ -42,7 +43,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
     names = {name for name, _ in compiled}
     assert {name.split("[")[0] for name in names} >= EXPECTED_KERNELS
     assert compiled == {(name, cap) for name in names for cap in GATE_CAPABILITIES}
-    # Budget: ~20 compiles at 0.1-1 s each, plus importing triton; the gate must stay cheap for CI.
+    # Budget: ~50 compiles at 0.1-1 s each, plus importing triton; the gate must stay cheap for CI.
     assert result["seconds"] < 60, f"compile gate took {result['seconds']:.1f} s"
 
 
