@@ -17,8 +17,9 @@ except ImportError as exc:
         "machine with a C++17 compiler and CMake: `pip install -e .`"
     ) from exc
 
+BatchBuilder = _C.BatchBuilder
 BlockAllocator = _C.BlockAllocator
 OutOfBlocksError = _C.OutOfBlocksError
 InvariantError = _C.InvariantError
 
-__all__ = ["BlockAllocator", "InvariantError", "OutOfBlocksError"]
+__all__ = ["BatchBuilder", "BlockAllocator", "InvariantError", "OutOfBlocksError"]
