@@ -9,6 +9,7 @@ unset: the kernels compile for the GPU, the `gpu` tests run them, and the interp
 
 from __future__ import annotations
 
+import collections
 import os
 
 import pytest
@@ -33,3 +34,27 @@ def interpreted() -> None:
             if name.endswith("_kernel"):
                 assert isinstance(getattr(module, name), InterpretedFunction), (
                     f"{module.__name__}.{name} was imported before TRITON_INTERPRET=1 was set")
+
+
+class _CountingKernel:
+    """Stands in for a `@triton.jit` kernel in its module and counts `kernel[grid](...)` launches."""
+
+    def __init__(self, kernel, name: str, counts: collections.Counter) -> None:
+        self.kernel, self.name, self.counts = kernel, name, counts
+
+    def __getitem__(self, grid):
+        self.counts[self.name] += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def launches(monkeypatch, interpreted) -> collections.Counter:
+    """Launch counts per kernel name, for the duration of one test."""
+    from blip3o_engine.kernels.triton import kernel_modules
+
+    counts: collections.Counter = collections.Counter()
+    for module in kernel_modules():
+        for name in dir(module):
+            if name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, _CountingKernel(getattr(module, name), name, counts))
+    return counts

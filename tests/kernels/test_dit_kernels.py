@@ -8,7 +8,6 @@ counts the kernel launches, so a dispatch that silently fell back to the referen
 
 from __future__ import annotations
 
-import collections
 import os
 import subprocess
 import sys
@@ -29,30 +28,6 @@ EPS = 1e-5  # DiTConfig.norm_eps and dit.LAYER_NORM_EPS
 # by the others); N = 37 is not a square grid (RoPE rows sliced from a 7x7 table).
 SHAPES = [(3, 64, 60, 3), (3, 37, 84, 7), (1, 64, 1792, 28)]
 CPU_DTYPES = [torch.float32, torch.float16]
-
-
-class _CountingKernel:
-    """Stands in for a `@triton.jit` kernel in its module and counts `kernel[grid](...)` launches."""
-
-    def __init__(self, kernel, name: str, counts: collections.Counter) -> None:
-        self.kernel, self.name, self.counts = kernel, name, counts
-
-    def __getitem__(self, grid):
-        self.counts[self.name] += 1
-        return self.kernel[grid]
-
-
-@pytest.fixture
-def launches(monkeypatch, interpreted) -> collections.Counter:
-    """Launch counts per kernel name, for the duration of one test."""
-    from blip3o_engine.kernels.triton import kernel_modules
-
-    counts: collections.Counter = collections.Counter()
-    for module in kernel_modules():
-        for name in dir(module):
-            if name.endswith("_kernel"):
-                monkeypatch.setattr(module, name, _CountingKernel(getattr(module, name), name, counts))
-    return counts
 
 
 def make_inputs(b: int, n: int, d: int, heads: int, dtype: torch.dtype, device: str = "cpu",

@@ -12,7 +12,6 @@ a whole TextAttention with its contiguous KVCache (prefill, then decode).
 
 from __future__ import annotations
 
-import collections
 import itertools
 from dataclasses import dataclass
 
@@ -27,30 +26,6 @@ from blip3o_engine.ops.dit_ops import force_triton
 
 CPU_DTYPES = [torch.float32, torch.float16]
 EPS = 1e-6  # TextConfig.rms_norm_eps
-
-
-class _CountingKernel:
-    """Stands in for a `@triton.jit` kernel in its module and counts `kernel[grid](...)` launches."""
-
-    def __init__(self, kernel, name: str, counts: collections.Counter) -> None:
-        self.kernel, self.name, self.counts = kernel, name, counts
-
-    def __getitem__(self, grid):
-        self.counts[self.name] += 1
-        return self.kernel[grid]
-
-
-@pytest.fixture
-def launches(monkeypatch, interpreted) -> collections.Counter:
-    """Launch counts per kernel name, for the duration of one test."""
-    from blip3o_engine.kernels.triton import kernel_modules
-
-    counts: collections.Counter = collections.Counter()
-    for module in kernel_modules():
-        for name in dir(module):
-            if name.endswith("_kernel"):
-                monkeypatch.setattr(module, name, _CountingKernel(getattr(module, name), name, counts))
-    return counts
 
 
 def _randn(g: torch.Generator, *shape, dtype=torch.float32, device="cpu", std=1.0) -> torch.Tensor:

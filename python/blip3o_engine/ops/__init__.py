@@ -11,48 +11,9 @@ twin that is the oracle and the CPU path.
   CUDA C++ kernel through NVRTC on GPU).
 """
 
-from .dit_ops import (
-    force_triton,
-    gated_rms_residual,
-    gated_rms_residual_ref,
-    layer_norm_rope,
-    layer_norm_rope_ref,
-    rms_norm_modulate,
-    rms_norm_modulate_ref,
-    swiglu,
-    swiglu_ref,
-)
-from .llm_ops import (
-    fused_add_rms_norm,
-    fused_add_rms_norm_ref,
-    mrope_rotary,
-    mrope_rotary_ref,
-    paged_decode_attention,
-    paged_decode_attention_ref,
-    paged_prefill_attention,
-    paged_prefill_attention_ref,
-    rms_norm,
-    rms_norm_ref,
-    rope_cos_sin_cache,
-    silu_and_mul,
-    silu_and_mul_ref,
-    write_kv_cache,
-    write_kv_cache_ref,
-)
-from .sampling_ops import prepare_logits, prepare_logits_ref
+from . import dit_ops, llm_ops, sampling_ops
+from .dit_ops import *  # noqa: F403
+from .llm_ops import *  # noqa: F403
+from .sampling_ops import *  # noqa: F403
 
-__all__ = [
-    "force_triton",
-    "rms_norm_modulate", "rms_norm_modulate_ref",
-    "gated_rms_residual", "gated_rms_residual_ref",
-    "layer_norm_rope", "layer_norm_rope_ref",
-    "swiglu", "swiglu_ref",
-    "write_kv_cache", "write_kv_cache_ref",
-    "paged_decode_attention", "paged_decode_attention_ref",
-    "paged_prefill_attention", "paged_prefill_attention_ref",
-    "rms_norm", "rms_norm_ref",
-    "fused_add_rms_norm", "fused_add_rms_norm_ref",
-    "rope_cos_sin_cache", "mrope_rotary", "mrope_rotary_ref",
-    "silu_and_mul", "silu_and_mul_ref",
-    "prepare_logits", "prepare_logits_ref",
-]
+__all__ = [*dit_ops.__all__, *llm_ops.__all__, *sampling_ops.__all__]
