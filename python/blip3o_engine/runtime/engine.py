@@ -2,16 +2,21 @@
 
 Backends: "reference" runs `runtime/reference.py` one request at a time. "optimized" runs
 text-to-image through `runtime/t2i.py::OptimizedT2I` (batched prefill, hoisted and graph-captured
-DiT loop, cached-K/V and compiled decoder); its chat still runs the reference path until the AR
-engine (paged KV, continuous batching) lands.
+DiT loop, cached-K/V and compiled decoder) and chat through `runtime/llm_engine.py::LLMEngine`
+(paged KV cache, prefix caching, continuous batching, CUDA-graph decode on GPU).
+
+Request-level chat (`add_request` / `step` / `abort`) works on either backend: it always runs the
+LLMEngine, built on first use. `chat_stream` on the reference backend runs `generate_text` and
+yields the whole text as one delta at the end.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +28,12 @@ from ..errors import CheckpointNotFoundError, ConfigError, InputError
 from ..models.blip3o import Blip3oModel, load_model, random_model
 from ..outputs import ChatResult, ImageResult
 from ..params import ImageParams, SamplingParams
-from ..prompts import PromptBuilder
+from ..prompts import PreparedPrompt, PromptBuilder
 from ..tiny import CHECKPOINT_PRESETS, preset_checkpoint
 from ..tokenization import SpecialTokens, load_image_processor, load_tokenizer
 from . import reference
+from .llm_engine import LLMEngine, RequestOutput
+from .model_runner import RunnerConfig
 from .t2i import OptimizedT2I, ReferenceT2I
 
 BACKENDS = ("reference", "optimized")
@@ -37,7 +44,7 @@ Progress = bool | Callable[[str, int, int], None]
 
 class Engine:
     def __init__(self, model: Blip3oModel, tokenizer: Any, image_processor: Any, backend: str = "reference",
-                 name: str = "custom", compile: bool | None = None):
+                 name: str = "custom", compile: bool | None = None, runner_config: RunnerConfig | None = None):
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         self.model = model
@@ -55,17 +62,29 @@ class Engine:
         # official pipeline caches them per process), keyed by the DiT settings that made them.
         self._uncond_cache: dict[tuple[int, float], torch.Tensor] = {}
         self._runner: ReferenceT2I | None = None
+        # AR chat engine (paged KV pool, continuous batching), built on first use from runner_config.
+        self.runner_config = runner_config or RunnerConfig()
+        self._llm: LLMEngine | None = None
+        self._chat_ids = itertools.count()
+        self._inbox: dict[str, list[RequestOutput]] = {}  # outputs of chat()/chat_stream()'s own requests
+        self._outbox: list[RequestOutput] = []  # outputs of add_request()'s requests, for the next step()
 
     # ------------------------------------------------------------------------------ construction
 
     @classmethod
     def from_pretrained(cls, model: str | Path = "tiny", device: str | torch.device = "cpu",
                         dtype: str | torch.dtype = "float32", backend: str = "reference",
-                        compile: bool | None = None) -> Engine:
+                        compile: bool | None = None, kv_blocks: int | None = None, block_size: int = 16,
+                        max_num_seqs: int = 32, max_num_batched_tokens: int = 2048) -> Engine:
         """Load a checkpoint directory, or a preset: "tiny"/"small" (random weights, made on first use
-        in the cache dir) or "4b"/"8b" (the real shapes with random weights, for benchmarks)."""
+        in the cache dir) or "4b"/"8b" (the real shapes with random weights, for benchmarks).
+
+        kv_blocks, block_size, max_num_seqs, max_num_batched_tokens size the AR engine's paged KV pool
+        and batches (kv_blocks None: two full contexts on CPU, what fits the free memory on CUDA)."""
         if backend not in BACKENDS:  # fail before minutes of weight loading
             raise ConfigError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        runner_config = RunnerConfig(block_size=block_size, num_blocks=kv_blocks, max_num_seqs=max_num_seqs,
+                                     max_num_batched_tokens=max_num_batched_tokens)
         torch_dtype = dtype_from_name(dtype)
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -73,24 +92,26 @@ class Engine:
         name = str(model)
         is_preset = name.lower() in PRESETS and not Path(name).is_dir()
         if is_preset and name.lower() not in CHECKPOINT_PRESETS:
-            return cls._random_real_shapes(name.lower(), device, torch_dtype, backend, compile)
+            return cls._random_real_shapes(name.lower(), device, torch_dtype, backend, compile, runner_config)
         path = preset_checkpoint(name.lower()) if is_preset else Path(name)
         if not path.is_dir():
             raise CheckpointNotFoundError(
                 f"{name!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
         cfg = ModelConfig.from_checkpoint(path)
         weights = load_model(path, cfg, torch_dtype, device)
-        engine = cls(weights, load_tokenizer(path), load_image_processor(path), backend, name=name, compile=compile)
+        engine = cls(weights, load_tokenizer(path), load_image_processor(path), backend, name=name, compile=compile,
+                     runner_config=runner_config)
         engine.is_random_preset = is_preset
         return engine
 
     @classmethod
     def _random_real_shapes(cls, name: str, device: torch.device, dtype: torch.dtype, backend: str,
-                            compile: bool | None) -> Engine:
+                            compile: bool | None, runner_config: RunnerConfig | None = None) -> Engine:
         """4b/8b shapes with random weights; text I/O through the tiny tokenizer (benchmarks only)."""
         tiny = preset_checkpoint("tiny")
         weights = random_model(preset_config(name), dtype=dtype, device=device)
-        engine = cls(weights, load_tokenizer(tiny), load_image_processor(tiny), backend, name=name, compile=compile)
+        engine = cls(weights, load_tokenizer(tiny), load_image_processor(tiny), backend, name=name, compile=compile,
+                     runner_config=runner_config)
         engine.is_random_preset = True
         return engine
 
@@ -102,6 +123,8 @@ class Engine:
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> ChatResult:
         params = params or SamplingParams()
+        if self.backend == "optimized":
+            return self.chat_batch([messages], [params])[0]
         start = time.perf_counter()
         prompt = self.prompts.chat(messages)
         self._check_context(len(prompt.token_ids) + params.max_tokens)
@@ -112,7 +135,8 @@ class Engine:
     def chat_batch(self, conversations: list[list[dict[str, Any]]],
                    params: SamplingParams | list[SamplingParams] | None = None) -> list[ChatResult]:
         """Answer several conversations; results are in input order. Every conversation is
-        validated before any work starts, so a bad one fails the call without partial results."""
+        validated before any work starts, so a bad one fails the call without partial results.
+        The optimized backend runs them together, continuously batched."""
         if not isinstance(conversations, list):
             raise InputError("chat_batch expects a list of conversations")
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(conversations)
@@ -121,12 +145,114 @@ class Engine:
         prompts = [self.prompts.chat(m) for m in conversations]
         for prompt, p in zip(prompts, plist):
             self._check_context(len(prompt.token_ids) + p.max_tokens)
+        if self.backend == "optimized":
+            return self._chat_paged(prompts, plist)
         results = []
         for prompt, p in zip(prompts, plist):
             start = time.perf_counter()
             ids, text, finish = reference.generate_text(self.model, prompt, p, self.tokenizer, self.special)
             results.append(ChatResult(text, ids, finish, len(prompt.token_ids), {"total": time.perf_counter() - start}))
         return results
+
+    def chat_stream(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the answer's text in pieces as it is generated; the pieces concatenate to `chat`'s text.
+        (Reference backend: one piece, at the end.)"""
+        params = params or SamplingParams()
+        prompt = self.prompts.chat(messages)
+        self._check_context(len(prompt.token_ids) + params.max_tokens)
+        if self.backend != "optimized":
+            _, text, _ = reference.generate_text(self.model, prompt, params, self.tokenizer, self.special)
+            if text:
+                yield text
+            return
+        rid = self._submit_internal(prompt, params)
+        try:
+            while True:
+                out = self._next_output(rid)
+                if out.text_delta:
+                    yield out.text_delta
+                if out.finished:
+                    return
+        finally:  # the consumer stopped early (or an error): do not leave the request running
+            if self._inbox.pop(rid, None) is not None:
+                self.llm_engine.abort(rid)
+
+    # Request-level interface (both backends: always the paged LLMEngine).
+
+    @property
+    def llm_engine(self) -> LLMEngine:
+        """The AR engine (paged KV pool, continuous batching), built on first use."""
+        if self._llm is None:
+            self._llm = LLMEngine(self.model, self.tokenizer, self.special, self.runner_config)
+        return self._llm
+
+    def add_request(self, request_id: str, messages: list[dict[str, Any]] | PreparedPrompt,
+                    params: SamplingParams | None = None) -> None:
+        """Queue a chat request (a conversation, or a prompt from `self.prompts.chat`); its outputs come
+        from `step()`. Raises InputError for a bad conversation or one past the context, CapacityError
+        if it could never fit the KV pool."""
+        if request_id.startswith("__chat"):
+            raise InputError("request ids starting with '__chat' are reserved")
+        params = params or SamplingParams()
+        prompt = messages if isinstance(messages, PreparedPrompt) else self.prompts.chat(messages)
+        self._check_context(len(prompt.token_ids) + params.max_tokens)
+        self.llm_engine.add_request(request_id, prompt, params)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; the outputs of the requests queued with add_request."""
+        if not self._outbox:
+            self._route(self.llm_engine.step())
+        out, self._outbox = self._outbox, []
+        return out
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request queued with add_request; False if unknown or already finished."""
+        return self.llm_engine.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self._llm is not None and self._llm.has_unfinished()
+
+    def _chat_paged(self, prompts: list[PreparedPrompt], plist: list[SamplingParams]) -> list[ChatResult]:
+        start = time.perf_counter()
+        ids = []
+        try:
+            for prompt, p in zip(prompts, plist):
+                ids.append(self._submit_internal(prompt, p))
+        except Exception:
+            for rid in ids:
+                self._inbox.pop(rid, None)
+                self.llm_engine.abort(rid)
+            raise
+        results = []
+        for rid in ids:  # requests run together; collecting in order only waits for each in turn
+            out = self._next_output(rid)
+            while not out.finished:
+                out = self._next_output(rid)
+            del self._inbox[rid]
+            results.append(ChatResult(out.text, out.token_ids, out.finish_reason, out.prompt_tokens,
+                                      {"total": time.perf_counter() - start}))
+        return results
+
+    def _submit_internal(self, prompt: PreparedPrompt, params: SamplingParams) -> str:
+        rid = f"__chat-{next(self._chat_ids)}"
+        self.llm_engine.add_request(rid, prompt, params)
+        self._inbox[rid] = []
+        return rid
+
+    def _next_output(self, rid: str) -> RequestOutput:
+        """The next output of an internal request, stepping the engine (for everyone) as needed."""
+        while not self._inbox[rid]:
+            if not self.llm_engine.has_unfinished():
+                raise RuntimeError(f"request {rid} vanished from the AR engine without finishing")
+            self._route(self.llm_engine.step())
+        return self._inbox[rid].pop(0)
+
+    def _route(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            if out.request_id in self._inbox:
+                self._inbox[out.request_id].append(out)
+            elif not out.request_id.startswith("__chat"):  # (an abandoned stream's leftovers are dropped)
+                self._outbox.append(out)
 
     def _check_context(self, total_tokens: int) -> None:
         limit = self.cfg.text.max_position_embeddings

@@ -1,0 +1,280 @@
+"""Request-level AR engine: continuous batching over a paged KV cache.
+
+    add_request(id, prompt, params)  ->  step() -> [RequestOutput, ...]  ... until not has_unfinished()
+
+Each `step()` runs one scheduler step (`runtime/scheduler.py`: chunked prefill, decode, preemption
+by recompute, prefix caching in `runtime/kv_manager.py`), one forward of the paged model
+(`runtime/model_runner.py`), and samples the next token of every request whose chunk reached its
+end. Sampling follows `sampling/text.py` exactly (HF processor order: repetition penalty, greedy
+argmax, else temperature, top-k, top-p, multinomial), batched through `ops.sampling_ops.prepare_logits`;
+a request with a seed draws from its own `torch.Generator`, so its tokens do not depend on what it
+is batched with. Finishing mirrors `reference.generate_text`: a stop token (EOS unless ignore_eos,
+plus stop_token_ids) ends with reason "stop" and is kept in the ids but not the text; a stop string
+ends with "stop" and the text is cut before it; max_tokens ends with "length".
+
+Images: a request's ViT features are computed when its image tokens are first scheduled (batched
+across the requests of that step) and dropped once all its image tokens have their KV; a request
+preempted before that (or whose recomputation misses the prefix cache) simply runs the ViT again.
+Each image enters the prefix-cache hash chain through a sha256 of its pixels and grid, so two
+prompts share cached image blocks only when the images are equal.
+
+Text streaming: every output carries the text delta since the previous one. The text is the full
+decode of the output ids (as the reference does), minus a held-back tail while it could still change:
+a trailing incomplete UTF-8 character, and, with stop strings, the last len(longest stop) - 1
+characters. The deltas of a request concatenate to its final text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import InputError
+from ..models.blip3o import Blip3oModel
+from ..models.qwen2_5_vl import get_mrope_positions
+from ..ops.sampling_ops import prepare_logits
+from ..params import SamplingParams
+from ..prompts import PreparedPrompt
+from ..sampling.text import apply_top_p
+from ..tokenization import SpecialTokens
+from .kv_manager import ImageSpan, KVBlockManager
+from .model_runner import ModelRunner, RunnerConfig, StepInputs
+from .reference import find_stop_string, stop_token_ids
+from .scheduler import Request, Scheduler, SchedulerOutput
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" when finished, else None
+    token_ids: list[int] = field(default_factory=list)  # all generated ids so far (stop token included)
+    text: str = ""  # the text so far (the final text once finished)
+    prompt_tokens: int = 0
+
+
+@dataclass(eq=False)
+class _State:
+    """Per-request host state beside the scheduler's `Request`."""
+
+    request: Request
+    prompt: PreparedPrompt
+    params: SamplingParams
+    stop_ids: set[int]
+    generator: torch.Generator | None
+    positions: np.ndarray | None  # [3, L] int64 M-RoPE positions of an image prompt; None = text (0..L-1)
+    delta: int  # M-RoPE delta of the decode positions
+    image_index: np.ndarray | None  # [L] feature row of each image token, -1 elsewhere
+    image_end: int  # one past the last image token (0 without images)
+    feats: Tensor | None = None  # [N_img_tok, H] ViT features while needed
+    emitted: str = ""  # text already handed out in deltas
+    stop_text: str | None = None  # the cut text when a stop string ended the request
+
+
+def image_content_hash(pixel_values: Tensor, grid: tuple[int, int, int]) -> int:
+    """64-bit content key of one image: sha256 over its grid and pixel bytes."""
+    h = hashlib.sha256(np.asarray(grid, dtype=np.int64).tobytes())
+    h.update(pixel_values.detach().cpu().contiguous().numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "little")
+
+
+class LLMEngine:
+    """Continuously batched chat generation over one `Blip3oModel` (module docstring)."""
+
+    def __init__(self, model: Blip3oModel, tokenizer: Any, special: SpecialTokens,
+                 runner_config: RunnerConfig | None = None, enable_prefix_caching: bool = True,
+                 long_prefill_chunk: int | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.special = special
+        self.config = runner_config or RunnerConfig()
+        self.runner = ModelRunner(model.text, self.config)
+        self.kv = KVBlockManager(self.runner.layout.num_blocks, self.config.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                                   long_prefill_chunk)
+        self._states: dict[str, _State] = {}
+
+    # ------------------------------------------------------------------------------ requests
+
+    def add_request(self, request_id: str, prompt: PreparedPrompt, params: SamplingParams) -> None:
+        """Queue a request. Raises InputError past the model's context, CapacityError if it could not
+        fit the KV pool even alone, ValueError for an id in use."""
+        n = len(prompt.token_ids)
+        if n + params.max_tokens > self.runner.max_model_len:
+            raise InputError(f"prompt + max_tokens = {n + params.max_tokens} exceeds the model's context of "
+                             f"{self.runner.max_model_len} tokens")
+        state = self._new_state(request_id, prompt, params)
+        self.scheduler.add_request(state.request)  # CapacityError / ValueError before anything is kept
+        self._states[request_id] = state
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks; False if it is unknown or already finished."""
+        self._states.pop(request_id, None)
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished_requests
+
+    def _new_state(self, request_id: str, prompt: PreparedPrompt, params: SamplingParams) -> _State:
+        ids = prompt.token_ids
+        positions, delta, index, end, spans = None, 0, None, 0, ()
+        if prompt.pixel_values is not None:
+            merge = self.model.cfg.vision.spatial_merge_size
+            pos, delta = get_mrope_positions(ids, prompt.image_grid_thw, self.special.image_pad, merge)
+            positions = pos.numpy().astype(np.int64)
+            is_pad = np.asarray(ids) == self.special.image_pad  # [L]
+            index = np.where(is_pad, np.cumsum(is_pad) - 1, -1)
+            end = int(np.nonzero(is_pad)[0][-1]) + 1
+            spans = self._image_spans(prompt, is_pad)
+        elif not prompt.use_mrope:
+            raise InputError("the AR engine runs chat prompts (M-RoPE); text-to-image prompts go through t2i")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        request = Request(request_id, ids, params.max_tokens, spans)
+        return _State(request, prompt, params, stop_token_ids(params, self.special), generator, positions, delta,
+                      index, end)
+
+    def _image_spans(self, prompt: PreparedPrompt, is_pad: np.ndarray) -> tuple[ImageSpan, ...]:
+        """One span per image-token run, keyed by that image's pixels."""
+        starts = np.nonzero(is_pad & ~np.concatenate(([False], is_pad[:-1])))[0]
+        merge2 = self.model.cfg.vision.spatial_merge_size ** 2
+        spans, patch = [], 0
+        for start, grid in zip(starts, prompt.image_grid_thw):
+            patches = grid[0] * grid[1] * grid[2]
+            key = image_content_hash(prompt.pixel_values[patch:patch + patches], grid)
+            spans.append(ImageSpan(int(start), patches // merge2, key))
+            patch += patches
+        return tuple(spans)
+
+    # ------------------------------------------------------------------------------ stepping
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """One scheduler step + forward + sampling; outputs of the requests that sampled a token."""
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            self.scheduler.update_from_output(out, {})
+            return []
+        states = [self._states[s.request_id] for s in out.scheduled]
+        self._encode_images(out, states)
+        logits = self.runner.execute(self._step_inputs(out, states))  # [S, V]
+        rows = [i for i, s in enumerate(out.scheduled) if s.samples]
+        sampling = [states[i] for i in rows]
+        tokens = self._sample(logits[rows], sampling) if rows else []
+        stopped = {st.request.request_id for st, tok in zip(sampling, tokens) if self._is_stop(st, tok)}
+        sampled = {st.request.request_id: tok for st, tok in zip(sampling, tokens)}
+        self.scheduler.update_from_output(out, sampled, stopped)
+        for st in states:
+            if st.feats is not None and st.request.num_computed_tokens >= st.image_end:
+                st.feats = None  # every image token has its KV now
+        return [self._output(st, tok) for st, tok in zip(sampling, tokens)]
+
+    def _encode_images(self, out: SchedulerOutput, states: list[_State]) -> None:
+        """ViT for the requests whose chunk this step holds image tokens without cached features (one
+        batched call)."""
+        need = [st for s, st in zip(out.scheduled, states)
+                if st.feats is None and s.num_computed_tokens < st.image_end
+                and (st.image_index[s.num_computed_tokens:s.num_computed_tokens + s.num_new_tokens] >= 0).any()]
+        if not need:
+            return
+        device, dtype = self.runner.device, self.model.dtype
+        pixels = torch.cat([st.prompt.pixel_values for st in need]).to(device=device, dtype=dtype)
+        grids = [g for st in need for g in st.prompt.image_grid_thw]
+        feats = self.model.visual(pixels, torch.tensor(grids, device=device))  # [sum N_img_tok, H]
+        sizes = [int((st.image_index >= 0).sum()) for st in need]
+        for st, f in zip(need, feats.split(sizes)):
+            st.feats = f
+
+    def _step_inputs(self, out: SchedulerOutput, states: list[_State]) -> StepInputs:
+        input_ids: list[int] = []
+        image_rows: list[int] = []
+        feats: list[Tensor] = []
+        for s, st in zip(out.scheduled, states):
+            if st.feats is not None:
+                idx = st.image_index[s.num_computed_tokens:s.num_computed_tokens + s.num_new_tokens]  # [n]
+                hit = np.nonzero(idx >= 0)[0]
+                if hit.size:
+                    image_rows += (hit + len(input_ids)).tolist()
+                    feats.append(st.feats[torch.from_numpy(idx[hit]).to(st.feats.device)])
+            input_ids += s.new_token_ids
+        return StepInputs(
+            input_ids=input_ids, block_ids=[s.block_table for s in out.scheduled],
+            num_computed_tokens=[s.num_computed_tokens for s in out.scheduled],
+            num_new_tokens=[s.num_new_tokens for s in out.scheduled],
+            prompt_positions=[st.positions for st in states], mrope_deltas=[st.delta for st in states],
+            is_decode=not any(s.is_prefill for s in out.scheduled),
+            image_rows=image_rows, image_feats=torch.cat(feats) if feats else None)
+
+    def _sample(self, logits: Tensor, states: list[_State]) -> list[int]:
+        """Next token per row of logits `[R, V]`: greedy rows take the penalized argmax; the others
+        sample from their own generator. One host transfer at the end."""
+        dev = logits.device
+        params = [st.params for st in states]
+        penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32).to(dev, non_blocking=True)
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32).to(dev, non_blocking=True)
+        top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64).to(dev, non_blocking=True)
+        if any(p.repetition_penalty != 1.0 for p in params):
+            seen_lists = [st.request.token_ids for st in states]
+            width = max(len(s) for s in seen_lists)
+            seen = torch.full((len(states), width), -1, dtype=torch.int64)
+            for i, ids in enumerate(seen_lists):
+                seen[i, :len(ids)] = torch.tensor(ids)
+            seen = seen.to(dev, non_blocking=True)
+        else:
+            seen = torch.empty((len(states), 0), dtype=torch.int64, device=dev)
+        processed, tokens = prepare_logits(logits, seen, penalty, temperature, top_k)  # [R, V], [R]
+        for i, p in enumerate(params):
+            if not p.greedy:
+                row = apply_top_p(processed[i], p.top_p)
+                tokens[i] = torch.multinomial(row.softmax(-1), 1, generator=states[i].generator)[0]
+        return tokens.tolist()
+
+    def _is_stop(self, st: _State, token: int) -> bool:
+        """A stop token, or a stop string completed by `token` (its cut text is remembered)."""
+        if token in st.stop_ids:
+            return True
+        if st.params.stop:
+            text = self._decode(st, st.request.output_token_ids + [token])
+            cut = find_stop_string(text, st.params.stop)
+            if cut >= 0:
+                st.stop_text = text[:cut]
+                return True
+        return False
+
+    def _decode(self, st: _State, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=st.params.skip_special_tokens)
+
+    def _output(self, st: _State, token: int) -> RequestOutput:
+        req = st.request
+        finished = req.finish_reason is not None
+        ids = req.output_token_ids
+        if st.stop_text is not None:
+            text = st.stop_text
+        elif finished and ids[-1] in st.stop_ids and req.finish_reason.value == "stop":
+            text = self._decode(st, ids[:-1])
+        else:
+            text = self._decode(st, ids)
+        if not finished:
+            text = text.rstrip("\ufffd")  # an incomplete multi-byte character may still change
+            if st.params.stop:  # a stop string may still begin in the tail
+                hold = max(len(s) for s in st.params.stop) - 1
+                text = text[:max(len(text) - hold, len(st.emitted))] if hold else text
+        delta = text[len(st.emitted):] if text.startswith(st.emitted) else ""
+        st.emitted += delta
+        if finished:
+            self._states.pop(req.request_id, None)
+        return RequestOutput(req.request_id, [token], delta, finished,
+                             req.finish_reason.value if finished else None, list(ids), text, req.num_prompt_tokens)
+
+
+__all__ = ["LLMEngine", "RequestOutput", "image_content_hash"]
