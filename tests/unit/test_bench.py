@@ -17,6 +17,7 @@ from blip3o_engine.bench.ceilings import Ceilings
 from blip3o_engine.bench.costs import Cost
 from blip3o_engine.bench.stages import StageResult
 from blip3o_engine.bench.timing import Timer, Timing, TimingPolicy
+from blip3o_engine.params import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[2]
 COLUMNS = ["date", "device", "commit", "preset", "stage", "backend", "batch", "median_ms", "p10_ms", "p90_ms",
@@ -210,3 +211,92 @@ def test_bench_on_cuda_measures_ceilings_and_floors(tiny_dir, tmp_path):
     for r in rows:
         if not r["stage"].startswith("ceiling_"):
             assert float(r["floor_ms"]) > 0 and float(r["ratio_to_floor"]) > 0 and "dtype=bfloat16" in r["notes"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Chat mode: TTFT / ITL / tokens/s per batch, and the transformers baseline
+
+
+@pytest.fixture(scope="module")
+def tiny_engines(tiny_dir):
+    from blip3o_engine.bench.engines import load_engines
+
+    return load_engines("tiny", torch.device("cpu"), None, ["optimized", "reference", "transformers"]).engines
+
+
+def test_chat_rows_for_every_backend_and_batch_with_transformers(tiny_dir, tmp_path):
+    path = tmp_path / "chat.csv"
+    argv = ["all", *FAST, "--backend", "optimized,reference,transformers", "--only", "rmsnorm,chat_ttft,decode_step",
+            "--csv", str(path)]
+    assert cli.main(argv) == 0
+    _, rows = read(path)
+    got = {(r["stage"], r["backend"], r["batch"]) for r in rows}
+    assert got == {(stage, backend, batch) for stage in ("chat_ttft", "decode_step")
+                   for backend in ("optimized", "reference", "transformers") for batch in ("1", "2")} | \
+        {("rmsnorm", "optimized", "1"), ("rmsnorm", "reference", "1")}  # transformers times chat only
+    ref = {(r["stage"], r["batch"]): float(r["median_ms"]) for r in rows if r["backend"] == "reference"}
+    for r in rows:
+        notes = r["notes"].split("; ")
+        if r["stage"] == "decode_step":
+            assert any(n.startswith("tok/s=") for n in notes) and any(n.startswith("decode_tok/s=") for n in notes)
+            method = "itl=median per-token gap" if r["backend"] == "optimized" else "itl=(total-ttft)/N"
+            assert method in notes and "gen_tokens=3" in notes
+        if r["stage"] == "chat_ttft":
+            assert "max_tokens=1" in notes and float(r["median_ms"]) > 0
+        if r["backend"] == "transformers":
+            assert "transformers.generate" in notes
+            if r["stage"] == "chat_ttft":  # (a decode_step reference median may be noise-small on tiny)
+                want = float(r["median_ms"]) / ref[(r["stage"], r["batch"])]
+                assert float(r["ratio_to_reference"]) == pytest.approx(want, rel=6e-3)  # 3-digit ratio, 4-digit medians
+
+
+def test_transformers_baseline_matches_the_reference_greedy_tokens(tiny_engines):
+    """Same weights, same prompts: HF generate (left-padded batch of two lengths) gives the engine's
+    greedy tokens; a wrong name mapping or rotary table would change them."""
+    hf, ref = tiny_engines["transformers"], tiny_engines["reference"]
+    convs = [[{"role": "user", "content": "a somewhat longer first message here"}], [{"role": "user", "content": "hi"}]]
+    out = hf.generate(convs, 6)  # [2, L + 6]
+    assert out.shape[1] == len(ref.prompts.chat(convs[0]).token_ids) + 6
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    for row, conv in zip(out, convs):
+        assert row[-6:].tolist() == ref.chat(conv, params).token_ids
+    assert hf.model.model.language_model.embed_tokens.weight.data_ptr() == \
+        ref.model.text.embed_tokens.weight.data_ptr()  # shared, not copied
+
+
+def test_fresh_chats_defeat_the_prefix_cache_at_equal_length(tiny_engines):
+    from blip3o_engine.bench.stages import BenchSettings, Workload
+
+    engine = tiny_engines["optimized"]
+    w = Workload(engine, BenchSettings(prompt_tokens=16))
+    convs = w.fresh_chats(3) + w.fresh_chats(2)
+    ids = [engine.prompts.chat(c).token_ids for c in convs]
+    assert len({tuple(x) for x in ids}) == 5 and {len(x) for x in ids} == {w.chat_prompt_len}
+
+
+def test_stepped_run_records_one_gap_per_token_after_the_first(tiny_engines):
+    from blip3o_engine.bench.stages import BenchSettings, Workload, _stepped_run
+
+    engine = tiny_engines["optimized"]
+    w = Workload(engine, BenchSettings(prompt_tokens=16))
+    gaps: list[list[float]] = []
+    run = _stepped_run(engine, w, batch=3, n_tokens=4, gaps=gaps)
+    run()
+    run()
+    assert len(gaps) == 2 and all(len(g) == 3 * 3 and min(g) > 0 for g in gaps)
+    assert not engine.has_unfinished()
+
+
+def test_chat_batch_defaults_by_device_and_backend_errors(tiny_dir):
+    from blip3o_engine.bench.engines import load_engines
+    from blip3o_engine.errors import ConfigError
+
+    assert cli.default_batches(torch.device("cpu")) == (1, 16)
+    assert cli.default_batches(torch.device("cuda")) == (1, 8, 32, 64)
+    parser = argparse.ArgumentParser()
+    cli.add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    assert parser.parse_args(["bench", "chat"]).batch is None  # resolved from the device in run_bench
+    with pytest.raises(ConfigError, match="engine backend"):
+        load_engines("tiny", torch.device("cpu"), None, ["transformers"])
+    with pytest.raises(ConfigError, match="unknown backend"):
+        load_engines("tiny", torch.device("cpu"), None, ["vllm"])

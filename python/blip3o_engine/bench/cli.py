@@ -33,6 +33,11 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def default_batches(device: torch.device) -> tuple[int, ...]:
+    """The chat batch sizes when --batch is not given (see its help)."""
+    return (1, 8, 32, 64) if device.type == "cuda" else (1, 16)
+
+
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Add `bench` to an argparse subparsers object; the parsed args carry `func=run_bench`."""
     p = subparsers.add_parser("bench", help="benchmarks: per-stage timings against measured floors",
@@ -43,8 +48,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--backend", default="optimized,reference", type=_names,
-                   help="comma-separated backends, timed in this order per stage (default: optimized,reference)")
-    p.add_argument("--batch", default=(1, 8), type=_ints, help="chat decode batch sizes (default: 1,8)")
+                   help="comma-separated backends, timed in this order per stage (default: optimized,reference); "
+                        "'transformers' adds transformers' generate over the same weights as a chat baseline "
+                        "(chat mode only; opt-in: it is the slowest row and needs minutes at 4b/8b scale)")
+    p.add_argument("--batch", default=None, type=_ints,
+                   help="chat batch sizes / concurrencies (default: 1,8,32,64 on CUDA; 1,16 on CPU, where "
+                        "larger batches take minutes per backend)")
     p.add_argument("--steps", type=int, default=50, help="decoder (UNet) steps (default 50)")
     p.add_argument("--dit-steps", type=int, default=30, help="DiT steps (default 30)")
     p.add_argument("--gen-tokens", type=int, default=32, help="decode steps timed per chat request (default 32)")
@@ -101,7 +110,8 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ConfigError("--warmup must be >= 1: the first run of a stage is never timed")
     if args.gen_tokens < 1 or args.prompt_tokens < 1:
         raise ConfigError("--gen-tokens and --prompt-tokens must be >= 1")
-    settings = BenchSettings(batches=args.batch, dit_steps=args.dit_steps, decoder_steps=args.steps,
+    batches = args.batch or default_batches(device)
+    settings = BenchSettings(batches=batches, dit_steps=args.dit_steps, decoder_steps=args.steps,
                              gen_tokens=args.gen_tokens, prompt_tokens=args.prompt_tokens,
                              t2i_tokens=args.t2i_tokens, seed=args.seed, only=args.only, policy=policy)
     modes = list(ALL_ORDER) if args.mode == "all" else [args.mode]
@@ -140,4 +150,4 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-__all__ = ["add_bench_parser", "run_bench", "main"]
+__all__ = ["add_bench_parser", "default_batches", "run_bench", "main"]

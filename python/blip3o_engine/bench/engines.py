@@ -5,6 +5,13 @@ the memory and load time of a two-backend run at the 4b/8b shapes.
 
 Every model loads through `Engine.from_pretrained`: checkpoints and the tiny/small presets from
 disk, the 4b/8b presets (real shapes) with random weights drawn directly on the target device.
+
+The chat baseline "transformers" (`TransformersChat`) is transformers' own
+`Qwen2_5_VLForConditionalGeneration` over the very same tensors: its config is built from the
+engine's `ModelConfig` (what `Qwen2_5_VLConfig.from_dict` would read from config.json; the
+checkpoint's own model_type "blip3o_qwen" makes `from_pretrained` mis-parse it), and the engine's
+state dict is assigned into it under transformers 5.x names (`model.language_model.*`,
+`model.visual.*`, `lm_head`), so no weight is copied and random presets need no file.
 """
 
 from __future__ import annotations
@@ -19,10 +26,84 @@ from ..config import PRESETS, dtype_from_name
 from ..errors import ConfigError
 from ..runtime.engine import BACKENDS, Engine
 
+TRANSFORMERS = "transformers"  # chat-only baseline backend (TransformersChat)
+
+
+class TransformersChat:
+    """Greedy chat through transformers' `generate`, over an `Engine`'s weights (module docstring).
+
+    Prompts are the engine's own chat templates (`engine.prompts.chat`), so both see the same ids; a
+    batch is left-padded (HF's convention for decoder-only batched generation)."""
+
+    def __init__(self, engine: Engine):
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        self.engine = engine
+        self.prompts = engine.prompts
+        cfg, special = engine.cfg, engine.special
+        config = Qwen2_5_VLConfig.from_dict(hf_config_dict(engine))
+        with torch.device("meta"):
+            model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa",
+                                                                    dtype=engine.model.dtype)
+        sd = {f"model.visual.{k}": v for k, v in engine.model.visual.state_dict().items()}
+        for k, v in engine.model.text.state_dict().items():
+            sd[k if k == "lm_head.weight" else f"model.language_model.{k}"] = v
+        if cfg.text.tie_word_embeddings:
+            sd["lm_head.weight"] = engine.model.text.embed_tokens.weight
+        model.load_state_dict(sd, strict=True, assign=True)
+        _materialize_rotary(model, engine.device)
+        if cfg.text.tie_word_embeddings:
+            model.tie_weights()
+        self.model = model.eval()
+        self.pad_id = special.endoftext
+
+    def generate(self, conversations: list[list[dict]], max_new_tokens: int) -> torch.Tensor:
+        """Exactly `max_new_tokens` greedy tokens per conversation (EOS suppressed); [B, L + N] ids."""
+        ids = [self.prompts.chat(m).token_ids for m in conversations]
+        width = max(len(x) for x in ids)
+        dev = self.engine.device
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)  # [B, L] left-padded
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, width - len(x):] = torch.tensor(x)
+            mask[i, width - len(x):] = 1
+        with torch.inference_mode():
+            return self.model.generate(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
+                                       max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                       pad_token_id=self.pad_id)
+
+
+def _materialize_rotary(model, device: torch.device) -> None:
+    """Rebuild the rotary modules, whose inv_freq buffers (in no state dict) are still on meta."""
+    lm, visual = model.model.language_model, model.model.visual
+    with torch.device(device):
+        lm.rotary_emb = type(lm.rotary_emb)(lm.rotary_emb.config)
+        visual.rotary_pos_emb = type(visual.rotary_pos_emb)(visual.rotary_pos_emb.config)
+
+
+def hf_config_dict(engine: Engine) -> dict:
+    """The Qwen2.5-VL config.json fields transformers reads, from the engine's ModelConfig."""
+    t, v, special = engine.cfg.text, engine.cfg.vision, engine.special
+    text = dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                num_key_value_heads=t.num_key_value_heads, rms_norm_eps=t.rms_norm_eps,
+                max_position_embeddings=t.max_position_embeddings, bos_token_id=None, eos_token_id=None,
+                tie_word_embeddings=t.tie_word_embeddings,
+                rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta,
+                                 "mrope_section": list(t.mrope_section)})
+    vision = dict(depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                  num_heads=v.num_heads, in_channels=v.in_channels, patch_size=v.patch_size,
+                  temporal_patch_size=v.temporal_patch_size, spatial_merge_size=v.spatial_merge_size,
+                  window_size=v.window_size, fullatt_block_indexes=list(v.fullatt_block_indexes),
+                  out_hidden_size=v.out_hidden_size)
+    return dict(model_type="qwen2_5_vl", text_config=text, vision_config=vision, image_token_id=special.image_pad,
+                vision_start_token_id=special.vision_start, vision_end_token_id=special.vision_end,
+                tie_word_embeddings=t.tie_word_embeddings)
+
 
 @dataclass
 class LoadedEngines:
-    engines: dict[str, Engine]  # backend -> engine, all over one model
+    engines: dict[str, Engine | TransformersChat]  # backend -> engine, all over one model, in timing order
     preset: str  # the preset name, or the checkpoint directory's name
     random_weights: bool
     load_s: float
@@ -34,10 +115,16 @@ def default_dtype(device: torch.device) -> str:
 
 def load_engines(model: str, device: torch.device, dtype: str | None, backends: list[str],
                  compile: bool | None = None) -> LoadedEngines:
-    """Build the model once and wrap it in one Engine per backend (first backend's engine owns it)."""
+    """Build the model once and wrap it in one Engine per backend (first engine backend owns it);
+    "transformers" adds a `TransformersChat` over the same weights (chat mode only)."""
     for b in backends:
-        if b not in BACKENDS:
-            raise ConfigError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+        if b not in (*BACKENDS, TRANSFORMERS):
+            raise ConfigError(f"unknown backend {b!r}; choose from {', '.join((*BACKENDS, TRANSFORMERS))}")
+    order = list(dict.fromkeys(backends))
+    backends = [b for b in order if b != TRANSFORMERS]
+    if not backends:
+        raise ConfigError("--backend transformers needs an engine backend beside it (optimized or reference): "
+                          "the prompts and weights come from the engine")
     torch_dtype = dtype_from_name(dtype or default_dtype(device))
     start = time.perf_counter()
     key = model.lower()
@@ -49,6 +136,9 @@ def load_engines(model: str, device: torch.device, dtype: str | None, backends: 
         engines[b] = Engine(first.model, first.tokenizer, first.prompts.image_processor, backend=b, compile=compile,
                             name=first.name)
         engines[b].is_random_preset = first.is_random_preset
+    if TRANSFORMERS in order:
+        engines[TRANSFORMERS] = TransformersChat(first)
+    engines = {b: engines[b] for b in order}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     name = key if is_preset else Path(model).name

@@ -1,8 +1,9 @@
 """What each benchmark mode times, with the cost each measurement is judged against.
 
 Modes:
-- chat: time to first token (`chat_ttft`) and the per-step decode time (`decode_step`, i.e. the
-  inter-token latency; tokens/s in the notes) at batch 1 and at each `--batch` (through `chat_batch`).
+- chat: time to first token (`chat_ttft`) and the inter-token latency (`decode_step`; tokens/s in
+  the notes) at each `--batch` (concurrency), per backend, plus transformers' `generate` when the
+  "transformers" backend is asked for (see `run_chat` for the methods).
 - t2i: the AR prefill of a T2I prompt (`ar_prefill`), the DiT sampling loop (`dit_loop`), the pixel
   decoder loop with its VAE decode (`decoder_loop`) and the whole `generate_image` (`t2i_e2e`).
 - stages: single forwards of `engine.model.dit` / `.unet` on a CFG batch of 2 and of `.vae`.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import string
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,6 +33,7 @@ from ..runtime.engine import Engine
 from . import costs
 from .ceilings import Ceilings, measure_ceilings
 from .costs import Cost
+from .engines import TransformersChat
 from .timing import Timer, Timing, TimingPolicy
 
 MODES = ("chat", "t2i", "stages", "kernels")
@@ -47,7 +50,7 @@ STAGE_NAMES = {
 
 @dataclass(frozen=True)
 class BenchSettings:
-    batches: tuple[int, ...] = (1, 8)  # chat decode batch sizes
+    batches: tuple[int, ...] = (1, 8)  # chat batch sizes / concurrencies (cli: 1,16 on CPU, 1,8,32,64 on CUDA)
     dit_steps: int = 30
     decoder_steps: int = 50
     gen_tokens: int = 32  # decode steps timed per chat request
@@ -113,7 +116,9 @@ class Workload:
         self.bpp = torch.empty((), dtype=self.dtype).element_size()  # bytes per parameter
         rng = np.random.default_rng(settings.seed)
         self.gen = torch.Generator(self.device).manual_seed(settings.seed)
-        self.chat_messages = [{"role": "user", "content": random_text(engine.tokenizer, settings.prompt_tokens, rng)}]
+        self.chat_text = random_text(engine.tokenizer, settings.prompt_tokens, rng)
+        self._chat_count = 0
+        self.chat_messages = self.fresh_chats(1)[0]
         self.chat_prompt_len = len(engine.prompts.chat(self.chat_messages).token_ids)
         if self.cfg.can_generate_images:
             fixed = len(engine.prompts.t2i("a").token_ids) - 1 + self.cfg.n_query  # template + [IMG] + queries
@@ -124,6 +129,15 @@ class Workload:
             self.height, self.width = engine.image_size(self.image_params)
             f = self.cfg.vae.scale_factor
             self.latent_hw = (self.height // f, self.width // f)
+
+    def fresh_chats(self, n: int) -> list[list[dict[str, str]]]:
+        """`n` conversations never used before: the random message behind a 6-digit serial number
+        (one token per digit, so every prompt has the same length). Without it the optimized
+        backend's prefix cache would answer every repeated prompt's prefill from the previous run,
+        and its TTFT would time only the last partial KV block. Only the shared system prompt (a
+        realistic shared prefix) can still hit the cache."""
+        first, self._chat_count = self._chat_count, self._chat_count + n
+        return [[{"role": "user", "content": f"{k % 10**6:06d} {self.chat_text}"}] for k in range(first, first + n)]
 
     def randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=self.gen, device=self.device, dtype=self.dtype)
@@ -248,43 +262,95 @@ def run_stage(stage: Stage, engines: dict[str, Engine], timer: Timer, policy: Ti
     return out
 
 
-def run_chat(w: Workload, engines: dict[str, Engine], timer: Timer, log: Log = _stderr,
-             emit: Callable[[list[StageResult]], None] | None = None) -> list[StageResult]:
-    """TTFT and decode step time at each batch size.
+ChatBackend = Engine | TransformersChat
 
-    TTFT = a request with max_tokens=1 (template, prefill, LM head, first sample). The decode step
-    time of a run with N+1 tokens is (its time − median TTFT) / N: no per-token hook is needed, and
-    each run still gives one sample, so percentiles stay meaningful.
+
+def _chat_closure(backend: ChatBackend, w: Workload, batch: int, n_tokens: int) -> Callable[[], object]:
+    """A call that answers `batch` fresh conversations with exactly `n_tokens` greedy tokens each."""
+    params = SamplingParams(max_tokens=n_tokens, temperature=0.0, ignore_eos=True)
+    if isinstance(backend, TransformersChat):
+        return lambda: backend.generate(w.fresh_chats(batch), n_tokens)
+    if batch == 1:
+        return lambda: backend.chat(w.fresh_chats(1)[0], params)
+    return lambda: backend.chat_batch(w.fresh_chats(batch), params)
+
+
+def _stepped_run(engine: Engine, w: Workload, batch: int, n_tokens: int, gaps: list[list[float]]) -> Callable[[], None]:
+    """A call that submits `batch` fresh requests through `add_request` and steps the engine until
+    all finish, appending that run's per-token gaps (ms between a request's consecutive tokens;
+    `step()` returns after the sampled ids reached the host, so the host clock is exact) to `gaps`."""
+    params = SamplingParams(max_tokens=n_tokens, temperature=0.0, ignore_eos=True)
+
+    def run() -> None:
+        last: dict[str, float] = {}
+        mine: list[float] = []
+        for k, conv in enumerate(w.fresh_chats(batch)):
+            engine.add_request(f"bench-{k}", conv, params)
+        while engine.has_unfinished():
+            outputs = engine.step()
+            now = time.perf_counter()
+            for out in outputs:
+                if out.request_id in last:
+                    mine.append((now - last[out.request_id]) * 1e3)
+                last[out.request_id] = now
+        gaps.append(mine)
+
+    return run
+
+
+def run_chat(w: Workload, engines: dict[str, ChatBackend], timer: Timer, log: Log = _stderr,
+             emit: Callable[[list[StageResult]], None] | None = None) -> list[StageResult]:
+    """TTFT, inter-token latency (ITL) and tokens/s at each batch size (concurrency).
+
+    Every call answers `batch` conversations never seen before (`Workload.fresh_chats`), so no
+    backend's prefill is served from a prefix cache filled by an earlier run.
+    - chat_ttft: a call with max_tokens=1 for the whole batch (template, prefill, LM head, first
+      sample): the time until every request has its first token. Same method for every backend.
+    - decode_step (ITL): the time between two tokens of one request, after the first.
+      optimized: measured, not derived: the batch runs through `add_request`/`step`, every token's
+      host arrival time is taken, and a run's sample is the median gap between consecutive tokens of
+      the same request over all its requests and steps (a concurrency above the engine's
+      max_num_seqs shows up in TTFT and tokens/s, not in the ITL of the requests that run).
+      reference / transformers (no per-token hook): (time of a run with N+1 tokens − median TTFT) / N,
+      i.e. the mean time for every request of the batch to get one more token. The reference
+      backend answers a batch one request at a time; transformers' `generate` runs it as one
+      left-padded batch.
+    - tok/s (notes): generated tokens / wall time of the N+1-token run (end to end, prefill included);
+      decode tok/s: batch·N / (that time − median TTFT).
     """
     s, cfg = w.settings, w.cfg
     n = s.gen_tokens
-    first = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    full = SamplingParams(max_tokens=n + 1, temperature=0.0, ignore_eos=True)
     context = w.chat_prompt_len + (n + 1) // 2  # mean cached length over the N decode steps
     results: list[StageResult] = []
     for batch in s.batches:
         batch_results: list[StageResult] = []
-        convs = [w.chat_messages] * batch
         ttft_cost = costs.llm_prefill(cfg.text, w.chat_prompt_len, batch=batch, logits_tokens=1, bytes_per_param=w.bpp)
         step_cost = costs.llm_decode_step(cfg.text, batch, context, bytes_per_param=w.bpp)
         for backend, engine in engines.items():
-            def request(params: SamplingParams, engine: Engine = engine) -> Callable[[], object]:
-                if batch == 1:
-                    return lambda: engine.chat(convs[0], params)
-                return lambda: engine.chat_batch(convs, params)
-
-            ttft = timer.measure(request(first), s.policy)
-            total = timer.measure(request(full), s.policy)
-            steps = tuple((t - ttft.median_ms) / n for t in total.samples_ms)
-            step = Timing(steps)
-            tps = batch * 1e3 / step.median_ms if step.median_ms > 0 else float("nan")
-            api = "engine.chat" if batch == 1 else "engine.chat_batch"
+            ttft = timer.measure(_chat_closure(engine, w, batch, 1), s.policy)
+            if isinstance(engine, Engine) and engine.backend == "optimized":
+                gaps: list[list[float]] = []
+                total = timer.measure(_stepped_run(engine, w, batch, n + 1, gaps), s.policy)
+                kept = gaps[len(gaps) - len(total.samples_ms):]  # drop the warm-up runs' gaps
+                step = Timing(tuple(float(np.median(g)) for g in kept))
+                api, method = "engine.add_request+step", "itl=median per-token gap"
+            else:
+                total = timer.measure(_chat_closure(engine, w, batch, n + 1), s.policy)
+                step = Timing(tuple((t - ttft.median_ms) / n for t in total.samples_ms))
+                api = "transformers.generate" if isinstance(engine, TransformersChat) else \
+                    "engine.chat" if batch == 1 else "engine.chat_batch"
+                method = "itl=(total-ttft)/N"
+            tps = batch * (n + 1) * 1e3 / total.median_ms
+            decode_ms = total.median_ms - ttft.median_ms
+            decode_tps = batch * n * 1e3 / decode_ms if decode_ms > 0 else float("nan")
             batch_results.append(StageResult("chat_ttft", backend, batch, ttft, ttft_cost, None,
-                                       (f"prompt_tokens={w.chat_prompt_len}", api)))
+                                             (f"prompt_tokens={w.chat_prompt_len}", "max_tokens=1", api)))
             batch_results.append(StageResult("decode_step", backend, batch, step, step_cost, None,
-                                       (f"tok/s={tps:.1f}", f"gen_tokens={n}", f"context~{context}", api)))
-            log(f"  chat batch {batch:<3} {backend:<10} ttft {ttft.median_ms:10.3f} ms, "
-                f"step {step.median_ms:8.3f} ms ({tps:.1f} tok/s)")
+                                             (f"tok/s={tps:.1f}", f"decode_tok/s={decode_tps:.1f}",
+                                              f"total_ms={total.median_ms:.1f}", f"gen_tokens={n + 1}",
+                                              f"context~{context}", method, api)))
+            log(f"  chat batch {batch:<3} {backend:<12} ttft {ttft.median_ms:10.3f} ms, itl {step.median_ms:8.3f} ms, "
+                f"{tps:.1f} tok/s ({decode_tps:.1f} decode)")
         if emit is not None:
             emit(batch_results)
         results += batch_results
@@ -302,7 +368,7 @@ def ceiling_results(ceil: Ceilings) -> list[StageResult]:
     ]
 
 
-def run_modes(modes: list[str], engines: dict[str, Engine], settings: BenchSettings, log: Log = _stderr,
+def run_modes(modes: list[str], engines: dict[str, ChatBackend], settings: BenchSettings, log: Log = _stderr,
               on_results: Callable[[list[StageResult], Ceilings | None], None] | None = None,
               ) -> tuple[list[StageResult], Ceilings | None]:
     """Measure the ceilings (CUDA only), then every stage of `modes`, every backend.
@@ -310,6 +376,8 @@ def run_modes(modes: list[str], engines: dict[str, Engine], settings: BenchSetti
     `on_results` gets each stage's results (all backends) as soon as they exist, so a run cut short
     (a time limit on a lent GPU) still leaves what it measured.
     """
+    chat_engines = engines
+    engines = {b: e for b, e in engines.items() if isinstance(e, Engine)}  # the others time chat only
     first = next(iter(engines.values()))
     device = first.device
     timer = Timer(device)
@@ -332,7 +400,7 @@ def run_modes(modes: list[str], engines: dict[str, Engine], settings: BenchSetti
         if mode == "chat":
             if not wanted or wanted & set(STAGE_NAMES["chat"]):
                 log("mode chat")
-                run_chat(w, engines, timer, log, emit)
+                run_chat(w, chat_engines, timer, log, emit)
             continue
         if mode in ("t2i", "stages") and not w.cfg.can_generate_images:
             log(f"mode {mode}: skipped, the model has no image generator")
