@@ -3,7 +3,9 @@
 Backends: "reference" runs `runtime/reference.py` one request at a time. "optimized" runs
 text-to-image through `runtime/t2i.py::OptimizedT2I` (batched prefill, hoisted and graph-captured
 DiT loop, cached-K/V and compiled decoder) and chat through `runtime/llm_engine.py::LLMEngine`
-(paged KV cache, prefix caching, continuous batching, CUDA-graph decode on GPU).
+(paged KV cache, prefix caching, continuous batching, CUDA-graph decode on GPU). Once that AR engine
+exists (chat has been used), the optimized backend's T2I prefill runs through it too, batched with
+the chat requests in flight (`_paged_t2i_prefill`).
 
 Request-level chat (`add_request` / `step` / `abort`) works on either backend: it always runs the
 LLMEngine, built on first use. `chat_stream` on the reference backend runs `generate_text` and
@@ -382,9 +384,28 @@ class Engine:
         """The stage runner of this engine's backend, built on first use (the optimized one
         precomputes constant DiT branches and may compile)."""
         if self._runner is None:
-            self._runner = (OptimizedT2I(self.model, self.special, compile=self.compile) if self.backend == "optimized"
+            self._runner = (OptimizedT2I(self.model, self.special, compile=self.compile,
+                                         paged_prefill=self._paged_t2i_prefill) if self.backend == "optimized"
                             else ReferenceT2I(self.model, self.special))
         return self._runner
+
+    def _paged_t2i_prefill(self, prompts: list[PreparedPrompt]) -> torch.Tensor | None:
+        """Stage-1 prefill through the AR engine, batched with the chat requests in flight (their outputs
+        meanwhile are routed as usual) -> [B, Q, H]. None while no AR engine exists: image-only use
+        keeps the left-padded batch and never reserves the KV pool (on CUDA sized to most of the free
+        memory, which the DiT and decoder activations need)."""
+        if self._llm is None:
+            return None
+        ids = [f"__chat-t2i-{next(self._chat_ids)}" for _ in prompts]
+        try:
+            for rid, prompt in zip(ids, prompts):
+                self._llm.add_t2i_request(rid, prompt)
+                self._inbox[rid] = []
+            return torch.stack([self._next_output(rid).hidden_states for rid in ids])  # [B, Q, H]
+        finally:  # on success every request has finished; on an error none is left behind
+            for rid in ids:
+                if self._inbox.pop(rid, None) is not None:
+                    self._llm.abort(rid)
 
     def _dit_noise_shape(self) -> tuple[int, int, int]:
         dit = self.cfg.dit

@@ -18,6 +18,18 @@ preempted before that (or whose recomputation misses the prefix cache) simply ru
 Each image enters the prefix-cache hash chain through a sha256 of its pixels and grid, so two
 prompts share cached image blocks only when the images are equal.
 
+Text-to-image prefill (`add_t2i_request`): a prefill-only request whose sequence is the T2I prompt
+followed by the Q latent queries, at 1-D positions 0..L+Q-1 on all three RoPE axes (spec §1.3), also
+with an input image. It is scheduled like any prompt (chunked, batched with chat, preempted), samples
+nothing, and finishes once every row has its KV; its one output carries the post-final-norm hidden
+states of the queries `[Q, H]`. The query rows have no token ids: they hold the placeholder
+`QUERY_PLACEHOLDER_ID` (-1, never a real token; 0 is looked up instead and the row's embedding is then
+replaced by its query, as image features are) and are the request's uncached tail, so they are always
+computed (their hidden states are the output) and never hashed into the prefix cache. The prompt part
+is cached like chat: a text-only T2I prompt's blocks hold exactly the KV of a chat prompt with the
+same tokens (same ids, same positions), so they are shared; from an image on the positions differ
+from chat's M-RoPE ones, so a T2I image enters the hash chain under a different key.
+
 Text streaming: every output carries the text delta since the previous one. The text is the full
 decode of the output ids (as the reference does), minus a held-back tail while it could still change:
 a trailing incomplete UTF-8 character, and, with stop strings, the last len(longest stop) - 1
@@ -34,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..models.blip3o import Blip3oModel
 from ..models.qwen2_5_vl import get_mrope_positions
 from ..ops.sampling_ops import prepare_logits
@@ -60,6 +72,13 @@ class RequestOutput:
     token_ids: list[int] = field(default_factory=list)  # all generated ids so far (stop token included)
     text: str = ""  # the text so far (the final text once finished)
     prompt_tokens: int = 0
+    hidden_states: Tensor | None = None  # T2I prefill: [Q, H] post-final-norm states of the latent queries
+
+
+# The token id held by a T2I request's latent-query rows (module docstring).
+QUERY_PLACEHOLDER_ID = -1
+# Salt of a T2I image's prefix-cache key: its tokens sit at 1-D positions, not chat's M-RoPE ones.
+_T2I_IMAGE_SALT = b"blip3o-t2i-1d-positions"
 
 
 @dataclass(eq=False)
@@ -78,11 +97,14 @@ class _State:
     feats: Tensor | None = None  # [N_img_tok, H] ViT features while needed
     emitted: str = ""  # text already handed out in deltas
     stop_text: str | None = None  # the cut text when a stop string ended the request
+    query_start: int | None = None  # T2I prefill: index of the first latent-query row; None for chat
+    hidden: Tensor | None = None  # T2I prefill: [Q, H] query states, filled as their rows are computed
 
 
-def image_content_hash(pixel_values: Tensor, grid: tuple[int, int, int]) -> int:
-    """64-bit content key of one image: sha256 over its grid and pixel bytes."""
-    h = hashlib.sha256(np.asarray(grid, dtype=np.int64).tobytes())
+def image_content_hash(pixel_values: Tensor, grid: tuple[int, int, int], salt: bytes = b"") -> int:
+    """64-bit content key of one image: sha256 over the salt, its grid and pixel bytes."""
+    h = hashlib.sha256(salt)
+    h.update(np.asarray(grid, dtype=np.int64).tobytes())
     h.update(pixel_values.detach().cpu().contiguous().numpy().tobytes())
     return int.from_bytes(h.digest()[:8], "little")
 
@@ -116,6 +138,20 @@ class LLMEngine:
         self.scheduler.add_request(state.request)  # CapacityError / ValueError before anything is kept
         self._states[request_id] = state
 
+    def add_t2i_request(self, request_id: str, prompt: PreparedPrompt) -> None:
+        """Queue a T2I prefill (module docstring): its one output, once finished, carries the query states
+        `[Q, H]` in `hidden_states`. Raises like `add_request`; ConfigError without latent queries."""
+        if self.model.queries is None:
+            raise ConfigError("this checkpoint has no latent queries: it cannot generate images")
+        q = self.model.queries.weight.shape[1]
+        n = len(prompt.token_ids) + q
+        if n > self.runner.max_model_len:
+            raise InputError(f"prompt + {q} latent queries = {n} tokens exceeds the model's context of "
+                             f"{self.runner.max_model_len} tokens")
+        state = self._new_t2i_state(request_id, prompt, q)
+        self.scheduler.add_request(state.request)
+        self._states[request_id] = state
+
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its blocks; False if it is unknown or already finished."""
         self._states.pop(request_id, None)
@@ -131,12 +167,9 @@ class LLMEngine:
             merge = self.model.cfg.vision.spatial_merge_size
             pos, delta = get_mrope_positions(ids, prompt.image_grid_thw, self.special.image_pad, merge)
             positions = pos.numpy().astype(np.int64)
-            is_pad = np.asarray(ids) == self.special.image_pad  # [L]
-            index = np.where(is_pad, np.cumsum(is_pad) - 1, -1)
-            end = int(np.nonzero(is_pad)[0][-1]) + 1
-            spans = self._image_spans(prompt, is_pad)
+            index, end, spans = self._image_layout(prompt)
         elif not prompt.use_mrope:
-            raise InputError("the AR engine runs chat prompts (M-RoPE); text-to-image prompts go through t2i")
+            raise InputError("the AR engine runs chat prompts (M-RoPE); text-to-image prompts go through add_t2i_request")
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
@@ -144,14 +177,34 @@ class LLMEngine:
         return _State(request, prompt, params, stop_token_ids(params, self.special), generator, positions, delta,
                       index, end)
 
-    def _image_spans(self, prompt: PreparedPrompt, is_pad: np.ndarray) -> tuple[ImageSpan, ...]:
-        """One span per image-token run, keyed by that image's pixels."""
+    def _new_t2i_state(self, request_id: str, prompt: PreparedPrompt, q: int) -> _State:
+        """Prompt ids + q placeholder rows, 1-D positions (positions None, delta 0: the batch builder then
+        gives row p position p on every axis), a prefill-only request whose queries are never cached."""
+        index, end, spans = None, 0, ()
+        if prompt.pixel_values is not None:
+            index, end, spans = self._image_layout(prompt, salt=_T2I_IMAGE_SALT)
+        ids = list(prompt.token_ids) + [QUERY_PLACEHOLDER_ID] * q
+        request = Request(request_id, ids, 1, spans, prefill_only=True, num_uncached_tail=q)
+        hidden = torch.empty(q, self.model.cfg.text.hidden_size, dtype=self.model.dtype, device=self.runner.device)
+        return _State(request, prompt, SamplingParams(max_tokens=1), set(), None, None, 0, index, end,
+                      query_start=len(prompt.token_ids), hidden=hidden)
+
+    def _image_layout(self, prompt: PreparedPrompt, salt: bytes = b"") -> tuple[np.ndarray, int, tuple[ImageSpan, ...]]:
+        """Feature row of each image token ([L], -1 elsewhere), one past the last image token, and the
+        prefix-cache spans of the images."""
+        is_pad = np.asarray(prompt.token_ids) == self.special.image_pad  # [L]
+        index = np.where(is_pad, np.cumsum(is_pad) - 1, -1)
+        end = int(np.nonzero(is_pad)[0][-1]) + 1
+        return index, end, self._image_spans(prompt, is_pad, salt)
+
+    def _image_spans(self, prompt: PreparedPrompt, is_pad: np.ndarray, salt: bytes) -> tuple[ImageSpan, ...]:
+        """One span per image-token run, keyed by that image's pixels (and the salt)."""
         starts = np.nonzero(is_pad & ~np.concatenate(([False], is_pad[:-1])))[0]
         merge2 = self.model.cfg.vision.spatial_merge_size ** 2
         spans, patch = [], 0
         for start, grid in zip(starts, prompt.image_grid_thw):
             patches = grid[0] * grid[1] * grid[2]
-            key = image_content_hash(prompt.pixel_values[patch:patch + patches], grid)
+            key = image_content_hash(prompt.pixel_values[patch:patch + patches], grid, salt)
             spans.append(ImageSpan(int(start), patches // merge2, key))
             patch += patches
         return tuple(spans)
@@ -160,14 +213,17 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """One scheduler step + forward + sampling; outputs of the requests that sampled a token."""
+        """One scheduler step + forward + sampling; outputs of the requests that sampled a token and of
+        the T2I prefills that finished."""
         out = self.scheduler.schedule()
         if not out.scheduled:
             self.scheduler.update_from_output(out, {})
             return []
         states = [self._states[s.request_id] for s in out.scheduled]
         self._encode_images(out, states)
-        logits = self.runner.execute(self._step_inputs(out, states))  # [S, V]
+        inputs, query_slices = self._step_inputs(out, states)
+        logits, hidden = self.runner.execute(inputs)  # [S, V], [sum of query rows, H] or None
+        self._store_query_states(hidden, query_slices)
         rows = [i for i, s in enumerate(out.scheduled) if s.samples]
         sampling = [states[i] for i in rows]
         tokens = self._sample(logits[rows], sampling) if rows else []
@@ -177,7 +233,9 @@ class LLMEngine:
         for st in states:
             if st.feats is not None and st.request.num_computed_tokens >= st.image_end:
                 st.feats = None  # every image token has its KV now
-        return [self._output(st, tok) for st, tok in zip(sampling, tokens)]
+        outputs = [self._output(st, tok) for st, tok in zip(sampling, tokens)]
+        return outputs + [self._t2i_output(st) for st in states
+                          if st.query_start is not None and st.request.finish_reason is not None]
 
     def _encode_images(self, out: SchedulerOutput, states: list[_State]) -> None:
         """ViT for the requests whose chunk this step holds image tokens without cached features (one
@@ -195,10 +253,15 @@ class LLMEngine:
         for st, f in zip(need, feats.split(sizes)):
             st.feats = f
 
-    def _step_inputs(self, out: SchedulerOutput, states: list[_State]) -> StepInputs:
+    def _step_inputs(self, out: SchedulerOutput, states: list[_State]
+                     ) -> tuple[StepInputs, list[tuple[_State, int, int]]]:
+        """The runner's inputs, and per T2I chunk holding query rows (state, first query, end query) in
+        the order of `hidden_rows`."""
         input_ids: list[int] = []
         image_rows: list[int] = []
         feats: list[Tensor] = []
+        hidden_rows: list[int] = []
+        query_slices: list[tuple[_State, int, int]] = []
         for s, st in zip(out.scheduled, states):
             if st.feats is not None:
                 idx = st.image_index[s.num_computed_tokens:s.num_computed_tokens + s.num_new_tokens]  # [n]
@@ -206,14 +269,41 @@ class LLMEngine:
                 if hit.size:
                     image_rows += (hit + len(input_ids)).tolist()
                     feats.append(st.feats[torch.from_numpy(idx[hit]).to(st.feats.device)])
-            input_ids += s.new_token_ids
+            ids = s.new_token_ids
+            if st.query_start is not None:
+                start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
+                first = max(start, st.query_start)  # the chunk's first query row (absolute)
+                if end > first:
+                    q0, q1 = first - st.query_start, end - st.query_start  # query indices [q0, q1)
+                    rows = list(range(len(input_ids) + first - start, len(input_ids) + end - start))
+                    image_rows += rows
+                    hidden_rows += rows
+                    feats.append(self.model.queries.weight[0, q0:q1])  # [q1 - q0, H]
+                    query_slices.append((st, q0, q1))
+                    ids = ids[:first - start] + [0] * (end - first)  # placeholders -> any valid id
+            input_ids += ids
         return StepInputs(
             input_ids=input_ids, block_ids=[s.block_table for s in out.scheduled],
             num_computed_tokens=[s.num_computed_tokens for s in out.scheduled],
             num_new_tokens=[s.num_new_tokens for s in out.scheduled],
             prompt_positions=[st.positions for st in states], mrope_deltas=[st.delta for st in states],
             is_decode=not any(s.is_prefill for s in out.scheduled),
-            image_rows=image_rows, image_feats=torch.cat(feats) if feats else None)
+            image_rows=image_rows, image_feats=torch.cat(feats) if feats else None,
+            hidden_rows=hidden_rows), query_slices
+
+    @staticmethod
+    def _store_query_states(hidden: Tensor | None, query_slices: list[tuple[_State, int, int]]) -> None:
+        """Copy this step's query hidden states `[R, H]` into each T2I request's `[Q, H]` buffer (a
+        recomputation after preemption simply overwrites its rows)."""
+        row = 0
+        for st, q0, q1 in query_slices:
+            st.hidden[q0:q1] = hidden[row:row + q1 - q0]
+            row += q1 - q0
+
+    def _t2i_output(self, st: _State) -> RequestOutput:
+        self._states.pop(st.request.request_id, None)
+        return RequestOutput(st.request.request_id, [], "", True, st.request.finish_reason.value,
+                             prompt_tokens=st.query_start, hidden_states=st.hidden)
 
     def _sample(self, logits: Tensor, states: list[_State]) -> list[int]:
         """Next token per row of logits `[R, V]`: greedy rows take the penalized argmax; the others
@@ -277,4 +367,4 @@ class LLMEngine:
                              req.finish_reason.value if finished else None, list(ids), text, req.num_prompt_tokens)
 
 
-__all__ = ["LLMEngine", "RequestOutput", "image_content_hash"]
+__all__ = ["LLMEngine", "QUERY_PLACEHOLDER_ID", "RequestOutput", "image_content_hash"]

@@ -71,8 +71,11 @@ class StepInputs:
     prompt_positions: list[np.ndarray | None]  # per sequence [3, P] int64 M-RoPE positions, None = text only
     mrope_deltas: list[int]
     is_decode: bool  # one new output token per sequence (never an image token)
-    image_rows: list[int] = field(default_factory=list)  # rows of input_ids that take an image feature
+    # Rows of input_ids whose embedding is replaced: ViT features at image tokens, and the latent
+    # queries of T2I requests (whose placeholder ids are never looked up).
+    image_rows: list[int] = field(default_factory=list)
     image_feats: Tensor | None = None  # [len(image_rows), H] on the device
+    hidden_rows: list[int] = field(default_factory=list)  # rows whose final-normed hidden states to return
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -180,8 +183,11 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------ per step
 
-    def execute(self, step: StepInputs) -> Tensor:
-        """Run one step; logits `[S, V]` of each sequence's last new token, in the step's order."""
+    def execute(self, step: StepInputs) -> tuple[Tensor, Tensor | None]:
+        """Run one step: logits `[S, V]` of each sequence's last new token, in the step's order, and the
+        post-final-norm hidden states `[len(hidden_rows), H]` of `step.hidden_rows` (None without any)."""
+        if step.hidden_rows and step.is_decode:
+            raise ValueError("hidden_rows are prefill rows (T2I queries); a decode step has none")
         self.builder.build(step.block_ids, step.num_computed_tokens, step.num_new_tokens, step.prompt_positions,
                            step.mrope_deltas)
         s, t = self.builder.num_seqs, self.builder.num_tokens
@@ -191,20 +197,23 @@ class ModelRunner:
         if bucket is not None:
             graph, logits = self._graphs[bucket]
             graph.replay()
-            return logits[:s]
+            return logits[:s], None
         b = self.buf
-        x = self.model.embed(b["input_ids"][:t], self._image_rows(step), step.image_feats)
+        x = self.model.embed(b["input_ids"][:t], self._rows(step.image_rows), step.image_feats)
         cu = None if step.is_decode else b["cu_seqlens_q"][:s + 1]
-        return self.model.forward(x, b["positions"][:, :t], self.kv_caches, b["slot_mapping"][:t],
-                                  b["block_tables"][:s], b["context_lens"][:s], cu, b["last_token_indices"][:s])
+        hidden_rows = self._rows(step.hidden_rows)
+        out = self.model.forward(x, b["positions"][:, :t], self.kv_caches, b["slot_mapping"][:t],
+                                 b["block_tables"][:s], b["context_lens"][:s], cu, b["last_token_indices"][:s],
+                                 hidden_rows)
+        return out if hidden_rows is not None else (out, None)
 
     def _bucket(self, s: int) -> int | None:
         return next((bs for bs in sorted(self._graphs) if bs >= s), None)
 
-    def _image_rows(self, step: StepInputs) -> Tensor | None:
-        if not step.image_rows:
+    def _rows(self, rows: list[int]) -> Tensor | None:
+        if not rows:
             return None
-        return torch.tensor(step.image_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        return torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
 
     def _copy_inputs(self, input_ids: list[int], s: int, t: int, rows: int, tokens: int) -> None:
         """Builder arrays -> staging -> static device buffers. Graph padding rows (s..rows, t..tokens)

@@ -56,13 +56,14 @@ class PagedTextModel:
     @torch.inference_mode()
     def forward(self, x: Tensor, positions: Tensor, kv_caches: KVCaches, slot_mapping: Tensor,
                 block_tables: Tensor, context_lens: Tensor, cu_seqlens_q: Tensor | None,
-                last_token_indices: Tensor) -> Tensor:
+                last_token_indices: Tensor, hidden_rows: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Run the decoder on packed embeddings and return the logits of each sequence's last new token.
 
         x `[T, H]` embeddings; positions `[3, T]` M-RoPE positions; slot_mapping `[T]` (-1 = padding);
         block_tables `[S, max_blocks]`; context_lens `[S]` (cached + new); cu_seqlens_q `[S + 1]`, or None
         for a decode step (exactly one new token per sequence, token s of sequence s);
-        last_token_indices `[S]`. Returns logits `[S, V]` in the model dtype.
+        last_token_indices `[S]`. Returns logits `[S, V]` in the model dtype; with `hidden_rows` `[R]`
+        (T2I latent-query rows) also their post-final-norm hidden states `[R, H]`: (logits, hidden).
         """
         residual = x
         h = llm_ops.rms_norm(x, self.text.layers[0].input_layernorm.weight, self.cfg.rms_norm_eps)
@@ -77,9 +78,13 @@ class PagedTextModel:
             mlp = layer.mlp
             gate_up = torch.cat((mlp.gate_proj(h), mlp.up_proj(h)), dim=-1)  # [T, 2I]
             h = mlp.down_proj(llm_ops.silu_and_mul(gate_up))  # [T, H]
-        last = (h + residual)[last_token_indices]  # [S, H]: only the sampled rows go through norm and head
-        last = llm_ops.rms_norm(last, self.text.norm.weight, self.cfg.rms_norm_eps)
-        return self.text.compute_logits(last)  # [S, V]
+        h = h + residual  # [T, H]
+        last = h[last_token_indices]  # [S, H]: only the sampled rows go through norm and head
+        logits = self.text.compute_logits(llm_ops.rms_norm(last, self.text.norm.weight, self.cfg.rms_norm_eps))
+        if hidden_rows is None:
+            return logits  # [S, V]
+        hidden = llm_ops.rms_norm(h[hidden_rows], self.text.norm.weight, self.cfg.rms_norm_eps)  # [R, H]
+        return logits, hidden
 
     def _attention(self, attn, x: Tensor, positions: Tensor, kv_cache: tuple[Tensor, Tensor], slot_mapping: Tensor,
                    block_tables: Tensor, context_lens: Tensor, cu_seqlens_q: Tensor | None) -> Tensor:

@@ -53,6 +53,11 @@ class Request:
     prompt_token_ids: Sequence[int]
     max_tokens: int
     image_spans: tuple[ImageSpan, ...] = ()
+    # Prefill only (T2I): the request finishes, without sampling, once all its tokens have KV. Its last
+    # `num_uncached_tail` tokens are always computed and never enter the prefix cache (latent queries:
+    # placeholder ids, and their hidden states are the request's output).
+    prefill_only: bool = False
+    num_uncached_tail: int = 0
     token_ids: list[int] = field(init=False)  # prompt, then the sampled outputs
     num_computed_tokens: int = field(default=0, init=False)  # tokens whose KV is in the cache
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
@@ -67,6 +72,8 @@ class Request:
             raise InputError(f"request {self.request_id!r} has an empty prompt")
         if self.max_tokens < 1:
             raise InputError(f"request {self.request_id!r}: max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.num_uncached_tail < len(self.token_ids):
+            raise InputError(f"request {self.request_id!r}: num_uncached_tail must be in [0, prompt length)")
         for span in self.image_spans:
             if span.offset < 0 or span.length < 1 or span.offset + span.length > len(self.token_ids):
                 raise InputError(f"request {self.request_id!r}: image span {span} is outside the prompt")
@@ -87,6 +94,11 @@ class Request:
     def output_token_ids(self) -> list[int]:
         return self.token_ids[len(self.prompt_token_ids):]
 
+    @property
+    def num_cacheable_tokens(self) -> int:
+        """Tokens that may be shared through the prefix cache (all but the uncached tail)."""
+        return len(self.token_ids) - self.num_uncached_tail
+
 
 @dataclass(frozen=True)
 class ScheduledRequest:
@@ -98,7 +110,7 @@ class ScheduledRequest:
     new_token_ids: list[int]  # the tokens this step computes
     block_table: list[int]  # a snapshot covering num_computed_tokens + num_new_tokens tokens
     is_prefill: bool  # prompt tokens or recomputation; False for a one-token decode step
-    samples: bool  # the chunk reaches the request's last token: sample the next one
+    samples: bool  # the chunk reaches the request's last token: sample the next one (never prefill-only)
 
 
 @dataclass(frozen=True)
@@ -143,8 +155,8 @@ class Scheduler:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         if req.status is not RequestStatus.WAITING or req.num_output_tokens or req.num_computed_tokens:
             raise ValueError(f"request {req.request_id!r} is not a fresh request")
-        # The last sampled token's KV is never written, hence the -1.
-        max_kv_tokens = req.num_prompt_tokens + req.max_tokens - 1
+        # The last sampled token's KV is never written, hence the -1; a prefill-only request samples nothing.
+        max_kv_tokens = req.num_prompt_tokens + (0 if req.prefill_only else req.max_tokens - 1)
         need = self.kv.blocks_for(max_kv_tokens)
         if need > self.kv.num_blocks:
             raise CapacityError(
@@ -181,8 +193,9 @@ class Scheduler:
                            stopped: Collection[str] = ()) -> list[Request]:
         """Apply a step: advance every scheduled request's computed tokens, append the token sampled
         for each request whose chunk reached its end (`samples`), and finish those in `stopped` (reason
-        stop) or at max_tokens (reason length). Requests aborted meanwhile are skipped. Returns the
-        requests finished by this step."""
+        stop) or at max_tokens (reason length); a prefill-only request finishes (reason stop) once all
+        its tokens are computed. Requests aborted meanwhile are skipped. Returns the requests finished
+        by this step."""
         if output is not self._pending:
             raise ValueError("update_from_output() takes the output of the latest schedule()")
         live = [s for s in output.scheduled if self._is_running(s.request_id)]
@@ -192,7 +205,11 @@ class Scheduler:
         for s in live:
             req = self.requests[s.request_id]
             req.num_computed_tokens += s.num_new_tokens
-            self.kv.cache_full_blocks(req.request_id, req.token_ids, req.num_computed_tokens, req.image_spans)
+            self.kv.cache_full_blocks(req.request_id, req.token_ids,
+                                      min(req.num_computed_tokens, req.num_cacheable_tokens), req.image_spans)
+            if req.prefill_only and req.num_computed_tokens == req.num_tokens:
+                finished.append(self._finish(req, FinishReason.STOP))
+                continue
             if not s.samples:
                 continue
             req.token_ids.append(int(sampled_token_ids[s.request_id]))
@@ -255,7 +272,8 @@ class Scheduler:
             if self.kv.num_free_blocks == 0:
                 break
             req = self.waiting[0]
-            hit = self.kv.lookup_prefix(req.request_id, req.token_ids, req.num_tokens - 1, req.image_spans)
+            limit = min(req.num_tokens - 1, req.num_cacheable_tokens)  # the last token is always computed
+            hit = self.kv.lookup_prefix(req.request_id, req.token_ids, limit, req.image_spans)
             req.num_computed_tokens = hit
             n = self._num_new_tokens(req, budget)
             if not self.kv.allocate_slots(req.request_id, hit + n):
@@ -274,7 +292,8 @@ class Scheduler:
         return ScheduledRequest(
             request_id=req.request_id, num_computed_tokens=start, num_new_tokens=n,
             new_token_ids=req.token_ids[start:start + n], block_table=list(self.kv.block_table(req.request_id)),
-            is_prefill=n > 1 or start < req.num_prompt_tokens, samples=start + n == req.num_tokens)
+            is_prefill=n > 1 or start < req.num_prompt_tokens,
+            samples=start + n == req.num_tokens and not req.prefill_only)
 
     @staticmethod
     def _check_sampled(output: SchedulerOutput, live: list[ScheduledRequest],

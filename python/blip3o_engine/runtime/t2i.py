@@ -1,9 +1,10 @@
 """Text-to-image stage runners: one object per backend with the same three stage calls.
 
-`ReferenceT2I` runs `runtime/reference.py` one request at a time. `OptimizedT2I` batches the
-stage-1 prefill (left-padded, one forward for all prompts), runs the DiT loop through `FlowSampler`
-(hoisted conditioning, one CUDA graph on GPU) and the decoder through `PixelDecoder` (hoisted
-cross-attention K/V, compiled on GPU). The Engine owns seeds, noise, validation and caching; these
+`ReferenceT2I` runs `runtime/reference.py` one request at a time. `OptimizedT2I` runs the stage-1
+prefill through the paged AR engine when the Engine gives it a way to (`paged_prefill`: batched with
+the chat requests in flight), else left-padded, one forward for all prompts; it runs the DiT loop
+through `FlowSampler` (hoisted conditioning, one CUDA graph on GPU) and the decoder through
+`PixelDecoder` (hoisted cross-attention K/V, compiled on GPU). The Engine owns seeds, noise, validation and caching; these
 classes only compute.
 """
 
@@ -19,6 +20,8 @@ from ..tokenization import SpecialTokens
 from . import reference
 
 StepCallback = Callable[[int, int], None]
+# prompts -> query states [B, Q, H], or None when it cannot run now (then the left-padded prefill runs)
+PagedPrefill = Callable[[list[PreparedPrompt]], torch.Tensor | None]
 
 
 class ReferenceT2I:
@@ -58,17 +61,27 @@ class OptimizedT2I(ReferenceT2I):
     """Batched, hoisted and (on GPU) graph-captured / compiled stages; same contracts as the reference."""
 
     def __init__(self, model: Blip3oModel, special: SpecialTokens, compile: bool | None = None,
-                 use_cuda_graph: bool | None = None):
+                 use_cuda_graph: bool | None = None, paged_prefill: PagedPrefill | None = None):
         from .flow_sampler import FlowSampler
         from .pixel_decoder import PixelDecoder
 
         super().__init__(model, special)
+        self.paged_prefill = paged_prefill
         self.flow = FlowSampler(model.dit, model.device, model.dtype, use_cuda_graph=use_cuda_graph)
         self.pixels = PixelDecoder(model.unet, model.vae, model.cfg.vae.scaling_factor, model.cfg.decoder_scheduler,
                                    model.device, model.dtype, compile=compile, use_cuda_graph=use_cuda_graph)
 
     @torch.inference_mode()
     def encode(self, prompts: list[PreparedPrompt]) -> torch.Tensor:
+        """Stage-1 prefill of every prompt (each + its 64 queries) -> [B, Q, H]: through `paged_prefill`
+        when it runs, else one left-padded batch."""
+        if self.paged_prefill is not None:
+            states = self.paged_prefill(prompts)
+            if states is not None:
+                return states
+        return self._encode_padded(prompts)
+
+    def _encode_padded(self, prompts: list[PreparedPrompt]) -> torch.Tensor:
         """One left-padded prefill over all prompts (each + its 64 queries) -> [B, Q, H].
 
         Left padding keeps the queries at the same (last) positions in every row; each row's
