@@ -21,6 +21,7 @@ from blip3o_engine.runtime import reference
 from blip3o_engine.runtime.engine import Engine
 from blip3o_engine.runtime.llm_engine import LLMEngine
 from blip3o_engine.runtime.model_runner import RunnerConfig
+from _paged_util import Recorder  # tests/parity is on sys.path under pytest
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 SYSTEM = {"role": "system", "content": "You are a careful assistant who answers in full sentences. " * 3}
@@ -61,23 +62,6 @@ def llm(tiny_engine, long_prefill_chunk=None, **cfg) -> LLMEngine:
     return LLMEngine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.special, RunnerConfig(**cfg),
                      long_prefill_chunk=long_prefill_chunk)
 
-
-class Recorder:
-    """Wraps an LLMEngine's scheduler to keep every SchedulerOutput."""
-
-    def __init__(self, le: LLMEngine) -> None:
-        self.outputs = []
-        schedule = le.scheduler.schedule
-
-        def recording():
-            out = schedule()
-            self.outputs.append(out)
-            return out
-
-        le.scheduler.schedule = recording
-
-    def first_chunk(self, request_id: str):
-        return next(s for o in self.outputs for s in o.scheduled if s.request_id == request_id)
 
 
 def run_to_end(le: LLMEngine, tiny_engine, requests: dict[str, tuple[list, SamplingParams]]) -> dict:

@@ -20,6 +20,7 @@ from blip3o_engine.runtime import reference
 from blip3o_engine.runtime.engine import Engine
 from blip3o_engine.runtime.llm_engine import LLMEngine
 from blip3o_engine.runtime.model_runner import RunnerConfig
+from _paged_util import Recorder  # tests/parity is on sys.path under pytest
 
 STATE_REL_TOL = 1e-5
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -61,23 +62,6 @@ def llm(tiny_engine, long_prefill_chunk=None, enable_prefix_caching=True, **cfg)
     return LLMEngine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.special, RunnerConfig(**cfg),
                      enable_prefix_caching=enable_prefix_caching, long_prefill_chunk=long_prefill_chunk)
 
-
-class Recorder:
-    """Keeps every SchedulerOutput of an LLMEngine."""
-
-    def __init__(self, le: LLMEngine) -> None:
-        self.outputs = []
-        schedule = le.scheduler.schedule
-
-        def recording():
-            out = schedule()
-            self.outputs.append(out)
-            return out
-
-        le.scheduler.schedule = recording
-
-    def chunks(self, request_id: str):
-        return [s for o in self.outputs for s in o.scheduled if s.request_id == request_id]
 
 
 def drain(le: LLMEngine) -> dict:
