@@ -41,7 +41,11 @@ class TransformersChat:
         self.engine = engine
         self.prompts = engine.prompts
         cfg, special = engine.cfg, engine.special
-        config = Qwen2_5_VLConfig.from_dict(hf_config_dict(engine))
+        # The checkpoint-layout config.json the engine's config writes (tiny checkpoints use the same
+        # function), with the special-token ids of its tokenizer.
+        config = Qwen2_5_VLConfig.from_dict(cfg.to_hf_dict({
+            "image_token_id": special.image_pad, "vision_start_token_id": special.vision_start,
+            "vision_end_token_id": special.vision_end, "bos_token_id": None, "eos_token_id": None}))
         with torch.device("meta"):
             model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa",
                                                                     dtype=engine.model.dtype)
@@ -79,26 +83,6 @@ def _materialize_rotary(model, device: torch.device) -> None:
     with torch.device(device):
         lm.rotary_emb = type(lm.rotary_emb)(lm.rotary_emb.config)
         visual.rotary_pos_emb = type(visual.rotary_pos_emb)(visual.rotary_pos_emb.config)
-
-
-def hf_config_dict(engine: Engine) -> dict:
-    """The Qwen2.5-VL config.json fields transformers reads, from the engine's ModelConfig."""
-    t, v, special = engine.cfg.text, engine.cfg.vision, engine.special
-    text = dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-                num_key_value_heads=t.num_key_value_heads, rms_norm_eps=t.rms_norm_eps,
-                max_position_embeddings=t.max_position_embeddings, bos_token_id=None, eos_token_id=None,
-                tie_word_embeddings=t.tie_word_embeddings,
-                rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta,
-                                 "mrope_section": list(t.mrope_section)})
-    vision = dict(depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                  num_heads=v.num_heads, in_channels=v.in_channels, patch_size=v.patch_size,
-                  temporal_patch_size=v.temporal_patch_size, spatial_merge_size=v.spatial_merge_size,
-                  window_size=v.window_size, fullatt_block_indexes=list(v.fullatt_block_indexes),
-                  out_hidden_size=v.out_hidden_size)
-    return dict(model_type="qwen2_5_vl", text_config=text, vision_config=vision, image_token_id=special.image_pad,
-                vision_start_token_id=special.vision_start, vision_end_token_id=special.vision_end,
-                tie_word_embeddings=t.tie_word_embeddings)
 
 
 @dataclass
