@@ -21,6 +21,7 @@ from blip3o_engine.config import DiTConfig
 from blip3o_engine.models import dit
 from blip3o_engine.kernels.triton.dit_norms import _tanh
 from blip3o_engine.ops import dit_ops as ops
+from _kernel_util import randomized  # tests/kernels is on sys.path under pytest
 
 EPS = 1e-5  # DiTConfig.norm_eps and dit.LAYER_NORM_EPS
 # (B, N, D, heads): widths 60 and 84 leave masked tails in the power-of-two block; 1792 with 28 heads of
@@ -284,15 +285,6 @@ def test_torch_compile_fullgraph(launches):
 # The references equal models/dit.py bit for bit
 
 
-def _randomized(module: torch.nn.Module, dtype: torch.dtype, seed: int) -> torch.nn.Module:
-    """Random weights (the defaults, ones and zeros, would hide a missing weight or bias)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p.dim() == 1 else 0.0))
-    return module.to(dtype)
-
-
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 def test_refs_equal_dit_modules(dtype):
     cfg = DiTConfig(input_size=7, in_channels=16, hidden_size=84, num_heads=7, num_kv_heads=7,
@@ -303,16 +295,16 @@ def test_refs_equal_dit_modules(dtype):
     cos, sin = (t[:37] for t in dit.rope_2d(7, cfg.head_dim, cfg.rope_theta))
 
     with torch.no_grad():
-        norm1 = _randomized(dit.AdaRMSNormZero(cfg), dtype, 2)
+        norm1 = randomized(dit.AdaRMSNormZero(cfg), dtype, 2)
         h, gate, scale_mlp, _ = norm1(x, temb)
         assert torch.equal(ops.rms_norm_modulate_ref(x, norm1.norm.weight, norm1.linear(
             torch.nn.functional.silu(temb)).chunk(4, dim=1)[0], cfg.norm_eps), h)
 
-        norm2 = _randomized(dit.RMSNorm(84, cfg.norm_eps), dtype, 3)
+        norm2 = randomized(dit.RMSNorm(84, cfg.norm_eps), dtype, 3)
         expected = x + gate[:, None].tanh() * norm2(h)  # NextDiTBlock's residual, as written there
         assert torch.equal(ops.gated_rms_residual_ref(x, h, norm2.weight, gate, cfg.norm_eps), expected)
 
-        attn = _randomized(dit.DiTAttention(cfg, out_proj=False), dtype, 4)
+        attn = randomized(dit.DiTAttention(cfg, out_proj=False), dtype, 4)
         q = ops.layer_norm_rope_ref(attn.to_q(h), attn.norm_q.weight, attn.norm_q.bias, dit.LAYER_NORM_EPS,
                                     cos, sin, cfg.num_heads)
         assert torch.equal(q, attn.query(h, (cos, sin)))
@@ -321,7 +313,7 @@ def test_refs_equal_dit_modules(dtype):
                                         *(rope or (None, None)), cfg.num_heads)
             assert torch.equal(k, attn.key_value(h, rope)[0])
 
-        ff = _randomized(dit.FeedForward(cfg), dtype, 5)
+        ff = randomized(dit.FeedForward(cfg), dtype, 5)
         u = h * (1 + scale_mlp[:, None])
         assert torch.equal(ff.linear_2(ops.swiglu_ref(ff.linear_1(u), ff.linear_3(u))), ff(u))
 

@@ -23,6 +23,7 @@ from blip3o_engine.config import TextConfig
 from blip3o_engine.models import qwen2_5_vl as qwen
 from blip3o_engine.ops import llm_ops as ops
 from blip3o_engine.ops.dit_ops import force_triton
+from _kernel_util import randomized  # tests/kernels is on sys.path under pytest
 
 CPU_DTYPES = [torch.float32, torch.float16]
 EPS = 1e-6  # TextConfig.rms_norm_eps
@@ -315,14 +316,6 @@ def test_silu_and_mul(dtype, launches):
 # The refs equal models/qwen2_5_vl.py
 
 
-def _randomized(module: torch.nn.Module, dtype: torch.dtype, seed: int) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p.dim() == 1 else 0.0))
-    return module.to(dtype)
-
-
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 def test_refs_equal_model_pieces(dtype):
     """RMSNorm, the decoder layer's residual + norm, M-RoPE (mrope_cos_sin + rotate_half) and the MLP:
@@ -332,12 +325,12 @@ def test_refs_equal_model_pieces(dtype):
                      mrope_section=(4, 6, 6), num_hidden_layers=1, vocab_size=64)
     x, residual = _randn(g, 7, 128, dtype=dtype), _randn(g, 7, 128, dtype=dtype)
     with torch.no_grad():
-        norm = _randomized(qwen.RMSNorm(128, EPS), dtype, 1)
+        norm = randomized(qwen.RMSNorm(128, EPS), dtype, 1)
         assert torch.equal(ops.rms_norm_ref(x, norm.weight, EPS), norm(x))
         normed, new_res = ops.fused_add_rms_norm_ref(x, residual, norm.weight, EPS)
         assert torch.equal(new_res, residual + x) and torch.equal(normed, norm(residual + x))
 
-        mlp = _randomized(qwen.SwiGLU(128, 96, bias=False), dtype, 2)
+        mlp = randomized(qwen.SwiGLU(128, 96, bias=False), dtype, 2)
         gate_up = F.linear(x, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))  # [T, 2I], fused weight
         assert torch.equal(mlp.down_proj(ops.silu_and_mul_ref(gate_up)), mlp(x))
 
@@ -361,7 +354,7 @@ def test_refs_equal_text_attention():
     hq, hkv, d, block_size = 4, 2, 32, 4
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        attn = _randomized(qwen.TextAttention(cfg, 0), torch.float32, 6)
+        attn = randomized(qwen.TextAttention(cfg, 0), torch.float32, 6)
         q_, k_, positions = _mrope_inputs(3, hq, hkv, d, torch.float32)  # positions of a 12-token prompt
         n = positions.shape[1]
         # The prompt, then two decode steps at the next text positions (rope_delta applied).
