@@ -21,10 +21,10 @@ device work only in `run()` (ARCHITECTURE §7.4, §7.6). Batches are padded to b
 with null rows and sliced after the replay. Elsewhere (CPU, or `use_cuda_graph=False`) the same
 `_loop` runs eagerly.
 
-Memory: the fused weights `[q1; k1; v1; q2]` (`[4D, D]`) and `[w1; w3]` (`[2F, D]`) are cached copies,
-(4D + 2F)·D values per block — for the released DiT (D 1792, F 4864, 24 blocks) 727 M values, 1.45 GB
-in bf16 (53 % of the DiT). They turn four and two GEMMs into one each, which matters at CFG batch 2:
-a 128 x 1792 output fills few SMs on its own. Per request, the tables hold S·R·(4L + 1)·D values and
+Memory: the weights `[q1; k1; v1; q2]` (`[4D, D]`) and `[w1; w3]` (`[2F, D]`) of each block are fused
+in place (`weight_fusion.fuse_linears`: the block's own parameters become rows of the fused matrix), so
+four and two GEMMs become one each at no memory cost — which matters at CFG batch 2, where a
+128 x 1792 output fills few SMs on its own. Per request, the tables hold S·R·(4L + 1)·D values and
 the cross K/V 2·L·R·M·D (R = DiT rows = 2 per prompt with CFG, M = 64 caption tokens): for the released
 DiT at 30 steps 10.4 M + 11.0 M values, 43 MB bf16 per prompt (static buffers, per graph bucket).
 """
@@ -41,6 +41,7 @@ from ..errors import InputError
 from ..models.dit import FINAL_NORM_EPS, LAYER_NORM_EPS, NextDiT, NextDiTBlock, rope_2d
 from ..ops.dit_ops import gated_rms_residual, layer_norm_rope, rms_norm_modulate, swiglu
 from ..sampling.flow_match import flow_match_sigmas
+from .weight_fusion import fuse_linears
 
 StepCallback = Callable[[int, int], None]  # (step index, number of steps)
 
@@ -124,11 +125,11 @@ class FlowSampler:
         self.dtype = dtype
         on_cuda = self.device.type == "cuda"
         self.use_cuda_graph = on_cuda if use_cuda_graph is None else (bool(use_cuda_graph) and on_cuda)
-        with torch.no_grad():
-            self._qkvq = [torch.cat([b.attn1.to_q.weight, b.attn1.to_k.weight, b.attn1.to_v.weight,
-                                     b.attn2.to_q.weight]) for b in dit.layers]  # [4D, D] each
-            self._w13 = [torch.cat([b.feed_forward.linear_1.weight, b.feed_forward.linear_3.weight])
-                         for b in dit.layers]  # [2F, D] each
+        # Fused in place (the blocks' own weights become rows of these): no extra memory.
+        self._qkvq = [fuse_linears([b.attn1.to_q, b.attn1.to_k, b.attn1.to_v, b.attn2.to_q])[0]
+                      for b in dit.layers]  # [4D, D] each
+        self._w13 = [fuse_linears([b.feed_forward.linear_1, b.feed_forward.linear_3])[0]
+                     for b in dit.layers]  # [2F, D] each
         self._null: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # M -> (kv [L,2,1,H,M,d], cap [1,T])
         self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # S -> (dts [S], time [S, T])
         self._ropes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # grid -> cos, sin [N, d/2]
