@@ -25,7 +25,7 @@ Ops (T tokens, S sequences, Hq query heads, Hkv KV heads, d head_dim, H hidden, 
   `residual = x + residual; x = norm(residual)` in one pass;
 - `rope_cos_sin_cache(head_dim, theta, max_positions)` (table builder, torch only) and
   `mrope_rotary(q, k, positions, cos_sin_cache, mrope_section)`: q `[T, Hq, d]`, k `[T, Hkv, d]`,
-  positions `[3, T]` -> rotated (q, k);
+  positions `[3, T]` -> rotated (q, k); its ref is `mrope_cos_sin` (once per step) + `apply_rotary`;
 - `silu_and_mul(gate_up)`: `[T, 2I]` (gate_proj | up_proj, one fused matmul) -> silu(gate) * up `[T, I]`.
 GQA: query head h reads KV head h // (Hq / Hkv), as `repeat_interleave` in models/qwen2_5_vl.py.
 
@@ -37,7 +37,8 @@ attention refs gather each sequence's blocks into contiguous K/V and run the mod
 Dispatch is `dit_ops`'s: the Triton kernel when the input is on CUDA (or under `force_triton()` /
 BLIP3O_FORCE_TRITON=1, with TRITON_INTERPRET=1 on CPU), otherwise the ref; the Triton path goes
 through `torch.ops.blip3o.<name>` custom ops with fake impls (write_kv_cache declares its mutation of
-the caches), so it traces under torch.compile and is captured by CUDA graphs. No op reads device
+the caches), so it traces under torch.compile and is captured by CUDA graphs. The paged model does
+not serve CPU steps through these per-layer ops but through `ops.llm_cpu` (planned once per step). No op reads device
 values on the host (no syncs): the launch grids come from tensor shapes only. Outputs are new
 contiguous tensors; inputs may have any token/head strides (head_dim stride 1, else copied).
 """
@@ -148,12 +149,11 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def mrope_rotary_ref(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor,
-                     mrope_section: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
-    """q `[T, Hq, d]`, k `[T, Hkv, d]`, positions `[3, T]` -> (q, k) rotated as TextAttention does with
-    `mrope_cos_sin`: pair chunk a of mrope_section takes row a's angles; cos/sin cast to the dtype, then
-    `x * cos + rotate_half(x) * sin` in the dtype."""
-    half = q.shape[-1] // 2
+def mrope_cos_sin(positions: Tensor, cos_sin_cache: Tensor, mrope_section: tuple[int, int, int],
+                  dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """positions `[3, T]` -> (cos, sin) `[T, 1, d]` in `dtype`, as `mrope_cos_sin` in models/qwen2_5_vl:
+    pair chunk a of mrope_section takes row a's angles; both halves of d share a pair's angle."""
+    half = cos_sin_cache.shape[-1] // 2
     table = cos_sin_cache[positions.long()]  # [3, T, d]: per axis, (cos | sin) of all pairs
     chunks, start = [], 0
     for axis, size in enumerate(mrope_section):
@@ -162,9 +162,23 @@ def mrope_rotary_ref(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Ten
         start += size
     cos = torch.cat(chunks[0::2], dim=-1)  # [T, d/2]
     sin = torch.cat(chunks[1::2], dim=-1)
-    cos = torch.cat((cos, cos), dim=-1)[:, None].to(q.dtype)  # [T, 1, d]: both halves share a pair's angle
-    sin = torch.cat((sin, sin), dim=-1)[:, None].to(q.dtype)
+    cos = torch.cat((cos, cos), dim=-1)[:, None].to(dtype)  # [T, 1, d]
+    sin = torch.cat((sin, sin), dim=-1)[:, None].to(dtype)
+    return cos, sin
+
+
+def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """`x * cos + rotate_half(x) * sin` in the dtype, for q `[T, Hq, d]` and k `[T, Hkv, d]`; cos, sin `[T, 1, d]`."""
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def mrope_rotary_ref(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor,
+                     mrope_section: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
+    """q `[T, Hq, d]`, k `[T, Hkv, d]`, positions `[3, T]` -> (q, k) rotated as TextAttention does with
+    `mrope_cos_sin`: pair chunk a of mrope_section takes row a's angles; cos/sin cast to the dtype, then
+    `x * cos + rotate_half(x) * sin` in the dtype."""
+    cos, sin = mrope_cos_sin(positions, cos_sin_cache, mrope_section, q.dtype)
+    return apply_rotary(q, k, cos, sin)
 
 
 def silu_and_mul_ref(gate_up: Tensor) -> Tensor:
@@ -409,6 +423,6 @@ __all__ = [
     "paged_prefill_attention", "paged_prefill_attention_ref",
     "rms_norm", "rms_norm_ref",
     "fused_add_rms_norm", "fused_add_rms_norm_ref",
-    "rope_cos_sin_cache", "mrope_rotary", "mrope_rotary_ref",
+    "rope_cos_sin_cache", "mrope_cos_sin", "apply_rotary", "mrope_rotary", "mrope_rotary_ref",
     "silu_and_mul", "silu_and_mul_ref",
 ]

@@ -71,6 +71,8 @@ def prepare_logits_ref(logits: Tensor, seen_ids: Tensor, penalty: Tensor, temper
 
     k = top_k.long()
     active = (k > 0) & (k < v)  # [S]
+    if not x.is_cuda and not bool(active.any()):  # no row filters (a free host check on CPU): skip the sort
+        return x, argmax
     kth = x.sort(dim=-1, descending=True).values.gather(1, (k.clamp(1, v) - 1)[:, None])  # [S, 1]
     x = x.masked_fill(active[:, None] & (x < kth), float("-inf"))
     return x, argmax

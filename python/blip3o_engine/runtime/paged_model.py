@@ -7,17 +7,28 @@ over each sequence's block table, and logits are computed only at each sequence'
 (the only row a step samples from). The module holds no weights of its own: it reads the text
 model's parameters, so it costs no memory and always sees the loaded checkpoint.
 
-Prefill, chunked prefill and recomputation go through `paged_prefill_attention`; a pure decode
-step (one new token per sequence) may use `paged_decode_attention`, which CUDA graphs capture.
+Two attention paths, chosen per step by where the tensors live:
+- kernels (CUDA, or Triton forced on): per-layer `llm_ops` calls, i.e. the Triton kernels. Prefill,
+  chunked prefill and recomputation go through `paged_prefill_attention`; a pure decode step (one new
+  token per sequence) uses `paged_decode_attention`, which CUDA graphs capture.
+- CPU: `ops.llm_cpu`, whose step plan (M-RoPE cos/sin, key slots, masks) is built once per step and
+  shared by all layers, with all decode sequences in one batched SDPA.
+
+The q/k/v and gate/up projections run as one GEMM each over fused weights (`weight_fusion`: the
+checkpoint modules' weights become views of the fused matrix, so this costs no memory); on CPU all
+projections are stored in-major, which doubles CPU BLAS's speed on decode rows (see fuse_linears).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.qwen2_5_vl import Qwen2_5_VLTextModel
-from ..ops import llm_ops
+from ..ops import llm_cpu, llm_ops
+from ..ops.dit_ops import _use_triton
+from .weight_fusion import fuse_linears
 
 KVCaches = list[tuple[Tensor, Tensor]]  # per layer (k_cache, v_cache) [num_blocks, block_size, Hkv, d]
 
@@ -33,6 +44,18 @@ class PagedTextModel:
         self.scale = self.cfg.head_dim ** -0.5  # SDPA's default, as the reference attention uses
         # fp32 (cos | sin) per position; M-RoPE positions stay below the model's context length.
         self.cos_sin = llm_ops.rope_cos_sin_cache(self.cfg.head_dim, self.cfg.rope_theta, max_positions, self.device)
+        # Per layer: [q; k; v] weight [H + 2·Hkv·d, H] and bias, and [gate; up] weight [2I, H]. On CPU
+        # every projection is stored in-major, the layout CPU BLAS streams fastest for decode rows.
+        in_major = self.device.type == "cpu"
+        layers = list(text.layers)
+        self.qkv = [fuse_linears([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj], in_major)
+                    for l in layers]
+        self.gate_up = [fuse_linears([l.mlp.gate_proj, l.mlp.up_proj], in_major)[0] for l in layers]
+        if in_major:
+            for lin in [l.self_attn.o_proj for l in layers] + [l.mlp.down_proj for l in layers]:
+                fuse_linears([lin], in_major=True)
+            if not self.cfg.tie_word_embeddings:  # a tied head is the embedding table: row gathers want rows
+                fuse_linears([text.lm_head], in_major=True)
 
     def allocate_kv_caches(self, num_blocks: int, block_size: int) -> KVCaches:
         """Zeroed K/V caches for every layer: `[num_blocks, block_size, Hkv, d]` each, in the model dtype."""
@@ -65,42 +88,54 @@ class PagedTextModel:
         last_token_indices `[S]`. Returns logits `[S, V]` in the model dtype; with `hidden_rows` `[R]`
         (T2I latent-query rows) also their post-final-norm hidden states `[R, H]`: (logits, hidden).
         """
+        plan = None
+        if not _use_triton(x):
+            plan = llm_cpu.plan_step(positions, self.cos_sin, self.cfg.mrope_section, x.dtype, slot_mapping,
+                                     block_tables, context_lens, cu_seqlens_q, kv_caches[0][0].shape[1])
+        eps = self.cfg.rms_norm_eps
         residual = x
-        h = llm_ops.rms_norm(x, self.text.layers[0].input_layernorm.weight, self.cfg.rms_norm_eps)
+        h = llm_ops.rms_norm(x, self.text.layers[0].input_layernorm.weight, eps)
         for i, layer in enumerate(self.text.layers):
             if i > 0:  # the previous layer's MLP residual add, fused with this layer's input norm
-                h, residual = llm_ops.fused_add_rms_norm(h, residual, layer.input_layernorm.weight,
-                                                         self.cfg.rms_norm_eps)
-            h = self._attention(layer.self_attn, h, positions, kv_caches[i], slot_mapping, block_tables,
-                                context_lens, cu_seqlens_q)
-            h, residual = llm_ops.fused_add_rms_norm(h, residual, layer.post_attention_layernorm.weight,
-                                                     self.cfg.rms_norm_eps)
-            mlp = layer.mlp
-            gate_up = torch.cat((mlp.gate_proj(h), mlp.up_proj(h)), dim=-1)  # [T, 2I]
-            h = mlp.down_proj(llm_ops.silu_and_mul(gate_up))  # [T, H]
+                h, residual = llm_ops.fused_add_rms_norm(h, residual, layer.input_layernorm.weight, eps)
+            q, k, v = self._qkv(i, h)
+            k_cache, v_cache = kv_caches[i]
+            if plan is not None:
+                q, k = llm_cpu.rotary(q, k, plan)
+                llm_cpu.write_kv(k, v, k_cache, v_cache, plan)
+                out = llm_cpu.attention(q, k_cache, v_cache, plan, self.scale)
+            else:
+                out = self._kernel_attention(q, k, v, positions, k_cache, v_cache, slot_mapping, block_tables,
+                                             context_lens, cu_seqlens_q)
+            h = layer.self_attn.o_proj(out.flatten(1))  # [T, H]
+            h, residual = llm_ops.fused_add_rms_norm(h, residual, layer.post_attention_layernorm.weight, eps)
+            h = layer.mlp.down_proj(llm_ops.silu_and_mul(F.linear(h, self.gate_up[i])))  # [T, 2I] -> [T, H]
         h = h + residual  # [T, H]
         last = h[last_token_indices]  # [S, H]: only the sampled rows go through norm and head
-        logits = self.text.compute_logits(llm_ops.rms_norm(last, self.text.norm.weight, self.cfg.rms_norm_eps))
+        logits = self.text.compute_logits(llm_ops.rms_norm(last, self.text.norm.weight, eps))
         if hidden_rows is None:
             return logits  # [S, V]
-        hidden = llm_ops.rms_norm(h[hidden_rows], self.text.norm.weight, self.cfg.rms_norm_eps)  # [R, H]
+        hidden = llm_ops.rms_norm(h[hidden_rows], self.text.norm.weight, eps)  # [R, H]
         return logits, hidden
 
-    def _attention(self, attn, x: Tensor, positions: Tensor, kv_cache: tuple[Tensor, Tensor], slot_mapping: Tensor,
-                   block_tables: Tensor, context_lens: Tensor, cu_seqlens_q: Tensor | None) -> Tensor:
-        t = x.shape[0]
-        q = attn.q_proj(x).view(t, attn.num_heads, attn.head_dim)  # [T, Hq, d]
-        k = attn.k_proj(x).view(t, attn.num_kv_heads, attn.head_dim)  # [T, Hkv, d]
-        v = attn.v_proj(x).view(t, attn.num_kv_heads, attn.head_dim)
+    def _qkv(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [T, H] -> q [T, Hq, d], k and v [T, Hkv, d] (views into one fused projection)."""
+        weight, bias = self.qkv[layer]
+        d, hq, hkv = self.cfg.head_dim, self.cfg.num_attention_heads, self.cfg.num_key_value_heads
+        qkv = F.linear(x, weight, bias)  # [T, (Hq + 2·Hkv)·d]
+        q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
+        return q.unflatten(-1, (hq, d)), k.unflatten(-1, (hkv, d)), v.unflatten(-1, (hkv, d))
+
+    def _kernel_attention(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor,
+                          slot_mapping: Tensor, block_tables: Tensor, context_lens: Tensor,
+                          cu_seqlens_q: Tensor | None) -> Tensor:
+        """One layer's attention through the per-layer `llm_ops` (Triton) ops: [T, Hq, d]."""
         q, k = llm_ops.mrope_rotary(q, k, positions, self.cos_sin, self.cfg.mrope_section)
-        k_cache, v_cache = kv_cache
         llm_ops.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
         if cu_seqlens_q is None:
-            out = llm_ops.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, self.scale)
-        else:
-            out = llm_ops.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
-                                                  self.scale)
-        return attn.o_proj(out.reshape(t, -1))  # [T, H]
+            return llm_ops.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, self.scale)
+        return llm_ops.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
+                                               self.scale)
 
 
 __all__ = ["KVCaches", "PagedTextModel"]
