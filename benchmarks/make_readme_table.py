@@ -51,7 +51,7 @@ def runs(rows: list[dict[str, str]], all_runs: bool) -> list[list[dict[str, str]
 def _ceilings(group: list[dict[str, str]]) -> str:
     notes = {r["stage"]: _notes(r) for r in group if r["stage"].startswith("ceiling_")}
     if not notes:
-        return "no measured ceiling (CPU), so the floor columns are empty"
+        return "no measured ceiling in this run, so the floor columns are empty"
     copy, gemm = notes.get("ceiling_copy", {}), notes.get("ceiling_matmul", {})
     return (f"ceilings measured in the same run: copy {copy.get('GB/s', '?')} GB/s (read+write), "
             f"{gemm.get('dtype', '?')} GEMM {gemm.get('TFLOP/s', '?')} TFLOP/s")

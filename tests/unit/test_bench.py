@@ -58,6 +58,10 @@ def test_bench_all_on_tiny_writes_csv_with_exact_columns(tiny_run):
     assert rc == 0
     header, rows = read(out / "runs.csv")
     assert header == COLUMNS
+    ceilings = {r["stage"]: r for r in rows if r["stage"].startswith("ceiling_")}
+    assert set(ceilings) == {"ceiling_copy", "ceiling_matmul"}  # measured on CPU too, in the same run
+    assert "dtype=float32" in ceilings["ceiling_matmul"]["notes"]
+    rows = [r for r in rows if not r["stage"].startswith("ceiling_")]
     stages = {(r["stage"], r["backend"], r["batch"]) for r in rows}
     expected = {"ar_prefill", "dit_loop", "decoder_loop", "t2i_e2e", "dit_step", "unet_step", "vae_decode",
                 "rmsnorm", "unet_self_attn"}
@@ -67,7 +71,9 @@ def test_bench_all_on_tiny_writes_csv_with_exact_columns(tiny_run):
             assert {("chat_ttft", backend, batch), ("decode_step", backend, batch)} <= stages
     assert len({r["date"] for r in rows}) == 1 and rows[0]["preset"] == "tiny"
     for r in rows:
-        assert r["floor_ms"] == "" and r["ratio_to_floor"] == ""  # CPU: no measured ceiling
+        # Every stage has a cost model, so a floor from the run's ceilings, and its ratio to it.
+        assert float(r["floor_ms"]) > 0 and float(r["ratio_to_floor"]) == pytest.approx(
+            float(r["median_ms"]) / float(r["floor_ms"]), rel=2e-2)
         assert r["compile_ms"] == ""  # the engine has no separate compile step to time
         assert "dtype=float32" in r["notes"]
         if r["stage"] != "decode_step":  # a difference of two timings; may be noise-small on tiny
@@ -93,6 +99,7 @@ def test_csv_is_appended_and_foreign_csv_refused(tiny_dir, tmp_path, capsys):
     for _ in range(2):
         assert cli.main(["stages", *FAST, "--only", "dit_step", "--backend", "reference", "--csv", str(path)]) == 0
     header, rows = read(path)
+    rows = [r for r in rows if not r["stage"].startswith("ceiling_")]  # each run also writes its ceilings
     assert header == COLUMNS and len(rows) == 2 and rows[0]["stage"] == rows[1]["stage"] == "dit_step"
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n")
@@ -233,7 +240,8 @@ def test_chat_rows_for_every_backend_and_batch_with_transformers(tiny_dir, tmp_p
     got = {(r["stage"], r["backend"], r["batch"]) for r in rows}
     assert got == {(stage, backend, batch) for stage in ("chat_ttft", "decode_step")
                    for backend in ("optimized", "reference", "transformers") for batch in ("1", "2")} | \
-        {("rmsnorm", "optimized", "1"), ("rmsnorm", "reference", "1")}  # transformers times chat only
+        {("rmsnorm", "optimized", "1"), ("rmsnorm", "reference", "1")} | \
+        {("ceiling_copy", "torch", "1"), ("ceiling_matmul", "torch", "1")}  # transformers times chat only
     ref = {(r["stage"], r["batch"]): float(r["median_ms"]) for r in rows if r["backend"] == "reference"}
     for r in rows:
         notes = r["notes"].split("; ")

@@ -174,7 +174,7 @@ def format_table(rows: list[dict[str, str]], info: RunInfo, ceil: Ceilings | Non
         lines.append(f"ceilings (measured in this run): {ceil.describe()}; floor = max(FLOPs / GEMM rate, "
                      f"weight bytes / copy bandwidth)")
     else:
-        lines.append("CPU: no measured ceiling, so the floor and x-floor columns are left empty")
+        lines.append("no measured ceiling, so the floor and x-floor columns are left empty")
     lines.append("compile/capture: no separate step exists (compile_ms empty); what a backend compiles or "
                  "captures on first use is in its first warm-up run, cold_ms in the CSV notes")
     head = ("stage", "backend", "batch", "median ms", "p10 ms", "p90 ms", "floor ms", "x floor", "x ref", "notes")

@@ -8,7 +8,7 @@ Modes:
   decoder loop with its VAE decode (`decoder_loop`) and the whole `generate_image` (`t2i_e2e`).
 - stages: single forwards of `engine.model.dit` / `.unet` on a CFG batch of 2 and of `.vae`.
 - kernels: two hot ops at the model's shapes (the LLM's RMSNorm, a UNet self-attention).
-On a GPU every run first measures the ceilings (copy bandwidth, GEMM rate), reported as rows too.
+Every run first measures the ceilings (copy bandwidth, GEMM rate), reported as rows too.
 
 Only the public `Engine` API drives the loops; single steps call `engine.model.*` modules. Inputs
 are random (never zeros) and made once, outside the timed region, then shared by every backend.
@@ -363,7 +363,7 @@ def ceiling_results(ceil: Ceilings) -> list[StageResult]:
         StageResult("ceiling_copy", "torch", 1, ceil.copy, None, None,
                     (f"GB/s={ceil.copy_bytes_per_s / 1e9:.0f}", f"bytes={ceil.copy_bytes}", "read+write")),
         StageResult("ceiling_matmul", "torch", 1, ceil.matmul, None, None,
-                    (f"TFLOP/s={ceil.matmul_flops_per_s / 1e12:.1f}", f"dtype={ceil.matmul_dtype}",
+                    (f"TFLOP/s={ceil.matmul_flops_per_s / 1e12:.3g}", f"dtype={ceil.matmul_dtype}",
                      f"flops={ceil.matmul_flops:.3g}")),
     ]
 
@@ -371,7 +371,7 @@ def ceiling_results(ceil: Ceilings) -> list[StageResult]:
 def run_modes(modes: list[str], engines: dict[str, ChatBackend], settings: BenchSettings, log: Log = _stderr,
               on_results: Callable[[list[StageResult], Ceilings | None], None] | None = None,
               ) -> tuple[list[StageResult], Ceilings | None]:
-    """Measure the ceilings (CUDA only), then every stage of `modes`, every backend.
+    """Measure the ceilings, then every stage of `modes`, every backend.
 
     `on_results` gets each stage's results (all backends) as soon as they exist, so a run cut short
     (a time limit on a lent GPU) still leaves what it measured.
@@ -388,12 +388,10 @@ def run_modes(modes: list[str], engines: dict[str, ChatBackend], settings: Bench
         if on_results is not None and new:
             on_results(new, ceil)
 
-    ceil = None
-    if device.type == "cuda":
-        log("measuring ceilings (device copy, GEMM)")
-        ceil = measure_ceilings(device, first.model.dtype)
-        log(f"  {ceil.describe()}")
-        emit(ceiling_results(ceil))
+    log("measuring ceilings (device copy, GEMM)")
+    ceil = measure_ceilings(device, first.model.dtype)
+    log(f"  {ceil.describe()}")
+    emit(ceiling_results(ceil))
     w = Workload(first, settings)
     wanted = set(settings.only)
     for mode in modes:
