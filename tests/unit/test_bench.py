@@ -67,6 +67,7 @@ def test_bench_all_on_tiny_writes_csv_with_exact_columns(tiny_run):
                 "rmsnorm", "unet_self_attn"}
     for backend in ("optimized", "reference"):
         assert {(s, backend, "1") for s in expected} <= stages
+        assert ("t2i_e2e", backend, "4") in stages  # batched text-to-image (default --image-batch 1,4)
         for batch in ("1", "2"):
             assert {("chat_ttft", backend, batch), ("decode_step", backend, batch)} <= stages
     assert len({r["date"] for r in rows}) == 1 and rows[0]["preset"] == "tiny"
@@ -80,6 +81,10 @@ def test_bench_all_on_tiny_writes_csv_with_exact_columns(tiny_run):
             assert float(r["p10_ms"]) <= float(r["median_ms"]) <= float(r["p90_ms"]) and float(r["median_ms"]) > 0
         # ratio_to_reference: optimized / reference of the same stage and batch, reference rows empty.
         assert (r["ratio_to_reference"] == "") == (r["backend"] == "reference")
+    for r in rows:
+        if r["stage"] == "t2i_e2e":  # images/s = batch / median, to the note's 3 significant digits
+            rate = dict(n.split("=", 1) for n in r["notes"].split("; ") if "=" in n)["images/s"]
+            assert float(rate) == pytest.approx(int(r["batch"]) * 1e3 / float(r["median_ms"]), rel=6e-3)
     ref = {(r["stage"], r["batch"]): float(r["median_ms"]) for r in rows if r["backend"] == "reference"}
     for r in rows:
         if r["backend"] == "optimized" and r["stage"] != "decode_step":

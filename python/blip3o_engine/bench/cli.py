@@ -54,6 +54,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch", default=None, type=_ints,
                    help="chat batch sizes / concurrencies (default: 1,8,32,64 on CUDA; 1,16 on CPU, where "
                         "larger batches take minutes per backend)")
+    p.add_argument("--image-batch", default=(1, 4), type=_ints,
+                   help="text-to-image batch sizes of the t2i_e2e stage, with images/s (default: 1,4)")
     p.add_argument("--steps", type=int, default=50, help="decoder (UNet) steps (default 50)")
     p.add_argument("--dit-steps", type=int, default=30, help="DiT steps (default 30)")
     p.add_argument("--gen-tokens", type=int, default=32, help="decode steps timed per chat request (default 32)")
@@ -111,7 +113,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.gen_tokens < 1 or args.prompt_tokens < 1:
         raise ConfigError("--gen-tokens and --prompt-tokens must be >= 1")
     batches = args.batch or default_batches(device)
-    settings = BenchSettings(batches=batches, dit_steps=args.dit_steps, decoder_steps=args.steps,
+    settings = BenchSettings(batches=batches, image_batches=args.image_batch, dit_steps=args.dit_steps,
+                             decoder_steps=args.steps,
                              gen_tokens=args.gen_tokens, prompt_tokens=args.prompt_tokens,
                              t2i_tokens=args.t2i_tokens, seed=args.seed, only=args.only, policy=policy)
     modes = list(ALL_ORDER) if args.mode == "all" else [args.mode]

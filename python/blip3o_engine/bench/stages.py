@@ -56,6 +56,7 @@ class BenchSettings:
     gen_tokens: int = 32  # decode steps timed per chat request
     prompt_tokens: int = 128  # length of the random chat message, in tokens
     t2i_tokens: int = 98  # target AR length of the T2I prefill, [IMG] and queries included (spec §4)
+    image_batches: tuple[int, ...] = (1, 4)  # text-to-image batch sizes of the t2i_e2e stage
     seed: int = 0
     only: tuple[str, ...] = ()  # stage names to run (empty = all of the mode)
     policy: TimingPolicy = field(default_factory=TimingPolicy)
@@ -81,6 +82,7 @@ class Stage:
     prepare: Callable[[Engine], Callable[[], object]]
     cost: Cost | None
     notes: tuple[str, ...] = ()
+    rate: tuple[str, int] | None = None  # (name, items per call): a note "name=items/s" from the median
 
 
 Log = Callable[[str], None]
@@ -163,20 +165,29 @@ def t2i_stages(w: Workload) -> list[Stage]:
         cond = engine.encode_prompt(w.caption)[None]  # [1, Q, H] the prompt's real query states
         return lambda: engine.sample_clip_features(cond, w.image_params)
 
-    def e2e(engine: Engine):
-        engine.uncond_features(w.image_params)  # the null prompt's stage 1 is cached per process (spec §1.6)
-        return lambda: engine.generate_image(w.caption, w.image_params)
+    def e2e(batch: int):
+        # Distinct prompts of one length (a batch of one prompt repeated would let nothing differ).
+        prompts = [w.caption] if batch == 1 else [f"{k} {w.caption}" for k in range(batch)]
+
+        def prepare(engine: Engine):
+            engine.uncond_features(w.image_params)  # the null prompt's stage 1 is cached per process (spec §1.6)
+            if batch == 1:
+                return lambda: engine.generate_image(prompts[0], w.image_params)
+            return lambda: engine.generate_images(prompts, w.image_params)
+        return prepare
 
     hoist = "floor: DiT caption/cross-KV work once per image"
-    return [
+    stages = [
         Stage("ar_prefill", 1, lambda e: lambda: e.encode_prompt(w.caption), prefill, (f"tokens={w.t2i_len}",)),
         Stage("dit_loop", 1, dit, dit_loop, (f"steps={s.dit_steps}", "cfg_batch=2", hoist)),
         Stage("decoder_loop", 1, lambda e: lambda: e.decode_pixels(feats, w.image_params, uncond=uncond),
               decoder_loop, (f"steps={s.decoder_steps}", "cfg_batch=2", f"image={w.height}x{w.width}", "incl. VAE")),
-        Stage("t2i_e2e", 1, e2e, prefill + dit_loop + decoder_loop,
-              (f"dit_steps={s.dit_steps}", f"decoder_steps={s.decoder_steps}", f"image={w.height}x{w.width}",
-               "uncond cached", hoist)),
     ]
+    for b in s.image_batches:  # a batch's floor is b images' work (every stage's cost grows with its rows)
+        stages.append(Stage("t2i_e2e", b, e2e(b), (prefill + dit_loop + decoder_loop) * b,
+                            (f"dit_steps={s.dit_steps}", f"decoder_steps={s.decoder_steps}",
+                             f"image={w.height}x{w.width}", "uncond cached", hoist), rate=("images/s", b)))
+    return stages
 
 
 def module_stages(w: Workload) -> list[Stage]:
@@ -256,7 +267,11 @@ def run_stage(stage: Stage, engines: dict[str, Engine], timer: Timer, policy: Ti
                 return fn()
 
         timing = timer.measure(timed, policy)
-        out.append(StageResult(stage.name, backend, stage.batch, timing, stage.cost, None, stage.notes))
+        notes = stage.notes
+        if stage.rate is not None:
+            name, items = stage.rate
+            notes = (f"{name}={items * 1e3 / timing.median_ms:.3g}", *notes)
+        out.append(StageResult(stage.name, backend, stage.batch, timing, stage.cost, None, notes))
         log(f"  {stage.name:<16} {backend:<10} batch {stage.batch:<3} median {timing.median_ms:10.3f} ms "
             f"({len(timing.samples_ms)} runs)")
     return out
