@@ -19,8 +19,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from blip3o_engine.errors import CapacityError
-from blip3o_engine.native import BatchBuilder
+from blip3o_engine.errors import CapacityError, InputError
+from blip3o_engine.native import BatchBuilder, BlockAllocator
 from blip3o_engine.runtime.kv_manager import ImageSpan, KVBlockManager
 from blip3o_engine.runtime.scheduler import FinishReason, Request, RequestStatus, Scheduler, SchedulerOutput
 
@@ -279,6 +279,102 @@ def test_allocate_slots_is_all_or_nothing():
         kv.lookup_prefix("a", [1, 2, 3], 3)
     kv.free("a")
     kv.free("b")
+    assert_all_released(kv)
+
+
+# ------------------------------------------------------------------------------------------------
+# Prefill-only requests (text-to-image: prompt + latent-query tail, no sampling)
+
+TAIL = -1  # the engine's placeholder id of a latent-query row
+
+
+def prefill_only(request_id: str, text_len: int, q: int) -> Request:
+    """A T2I-style request: `text_len` prompt tokens, then `q` tail rows that are never cached."""
+    return Request(request_id, list(range(100, 100 + text_len)) + [TAIL] * q, max_tokens=1,
+                   prefill_only=True, num_uncached_tail=q)
+
+
+def test_prefill_only_request_finishes_after_its_prefill_without_sampling():
+    kv, sched = make(block_size=4)
+    req = prefill_only("t", 10, 3)
+    sched.add_request(req)
+    out = sched.schedule()
+    s = out.scheduled[0]
+    assert (s.num_computed_tokens, s.num_new_tokens, s.is_prefill, s.samples) == (0, 13, True, False)
+    with pytest.raises(ValueError, match="did not sample"):  # nothing may be sampled for it
+        sched.update_from_output(out, {"t": 5})
+    assert sched.update_from_output(out, {}) == [req]
+    assert (req.status, req.finish_reason, req.num_computed_tokens) == (RequestStatus.FINISHED, FinishReason.STOP, 13)
+    assert req.num_output_tokens == 0 and req.token_ids == list(range(100, 110)) + [TAIL] * 3
+    assert not sched.has_unfinished_requests
+    assert sched.schedule().finished_ids == ["t"]
+    # Its blocks are released: the two full text blocks stay cached (evictable), nothing is referenced.
+    assert kv.allocator.num_cached_blocks == 2
+    assert_all_released(kv)
+
+
+@pytest.mark.parametrize("text_len, q, hit", [(8, 8, 8), (10, 7, 8), (12, 4, 12), (3, 6, 0)])
+def test_identical_prefill_only_requests_share_the_text_and_recompute_the_tail(text_len, q, hit):
+    """The second request hits the first one's full text blocks only; a tail filling whole blocks
+    (8 + 8, 10 + 7) would add hits if it were cached."""
+    kv, sched = make(block_size=4)
+    sched.add_request(prefill_only("first", text_len, q))
+    run_to_completion(sched)
+    again = prefill_only("again", text_len, q)
+    sched.add_request(again)
+    out, finished = step(sched)
+    s = out.scheduled[0]
+    assert (s.num_computed_tokens, s.num_new_tokens) == (hit, text_len + q - hit)
+    assert s.new_token_ids[-q:] == [TAIL] * q and not s.samples
+    assert finished == [again] and again.finish_reason is FinishReason.STOP
+    assert_all_released(kv)
+
+
+def test_the_tail_never_becomes_a_cached_block():
+    kv, sched = make(block_size=4)
+    req = prefill_only("t", 8, 8)  # blocks 0-1 text, blocks 2-3 tail only
+    sched.add_request(req)
+    run_to_completion(sched)
+    hashes, parent = [], 0
+    for i in range(4):
+        parent = BlockAllocator.hash_block(parent, req.token_ids[4 * i:4 * i + 4])
+        hashes.append(parent)
+    assert [kv.allocator.lookup(h) for h in hashes[2:]] == [-1, -1]
+    assert kv.allocator.num_cached_blocks == 2
+    # A chat prompt holding the same tokens and more reuses the text blocks only.
+    sched.add_request(Request("chat", req.token_ids + [7, 7, 7], max_tokens=2))
+    out, _ = step(sched)
+    s = out.scheduled[0]
+    assert (s.num_computed_tokens, s.num_new_tokens, s.samples) == (8, 11, True)
+    run_to_completion(sched)
+    assert_all_released(kv)
+
+
+@pytest.mark.parametrize("tail", [-1, 5, 6])
+def test_invalid_uncached_tail_is_refused(tail):
+    with pytest.raises(InputError, match="num_uncached_tail"):
+        Request("t", [1, 2, 3, 4, 5], max_tokens=1, prefill_only=True, num_uncached_tail=tail)
+    for ok in (0, 4):  # the bounds of [0, prompt length)
+        req = Request("t", [1, 2, 3, 4, 5], max_tokens=1, prefill_only=True, num_uncached_tail=ok)
+        assert req.num_cacheable_tokens == 5 - ok
+
+
+@pytest.mark.parametrize("budget, chunk, chunks", [(4, None, [4, 4, 4, 3]), (100, 3, [3, 3, 3, 3, 3])])
+def test_chunked_prefill_of_a_prefill_only_request(budget, chunk, chunks):
+    kv, sched = make(block_size=4, budget=budget, chunk=chunk)
+    req = prefill_only("t", 10, 5)
+    sched.add_request(req)
+    got, done = [], []
+    while sched.has_unfinished_requests:
+        assert not done, "the request finished before its last chunk"
+        out, done = step(sched)
+        got += out.scheduled
+        assert kv.allocator.num_cached_blocks <= 2  # never more than the text's full blocks
+    assert [s.num_new_tokens for s in got] == chunks
+    assert [s.num_computed_tokens for s in got] == [sum(chunks[:i]) for i in range(len(chunks))]
+    assert [t for s in got for t in s.new_token_ids] == req.token_ids  # every token exactly once
+    assert not any(s.samples for s in got) and all(s.is_prefill for s in got)
+    assert done == [req] and req.num_computed_tokens == 15 and req.num_output_tokens == 0
     assert_all_released(kv)
 
 

@@ -30,10 +30,12 @@ is cached like chat: a text-only T2I prompt's blocks hold exactly the KV of a ch
 same tokens (same ids, same positions), so they are shared; from an image on the positions differ
 from chat's M-RoPE ones, so a T2I image enters the hash chain under a different key.
 
-Text streaming: every output carries the text delta since the previous one. The text is the full
-decode of the output ids (as the reference does), minus a held-back tail while it could still change:
-a trailing incomplete UTF-8 character, and, with stop strings, the last len(longest stop) - 1
-characters. The deltas of a request concatenate to its final text.
+Text streaming: every output carries the text delta since the previous one. The text is the decode of
+the output ids (as the reference does), minus a held-back tail while it could still change: a trailing
+incomplete UTF-8 character, and, with stop strings, the last len(longest stop) - 1 characters. The deltas
+of a request concatenate to its final text. Each request's text is decoded incrementally
+(`runtime/detokenizer.py`, a few tokens per step, equal to the full decode), and a stop string is looked
+for only in the held-back characters and the new text, so the text costs time linear in its length.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from ..params import SamplingParams
 from ..prompts import PreparedPrompt
 from ..sampling.text import apply_top_p
 from ..tokenization import SpecialTokens
+from .detokenizer import IncrementalDetokenizer
 from .kv_manager import ImageSpan, KVBlockManager
 from .model_runner import ModelRunner, RunnerConfig, StepInputs
 from .reference import find_stop_string, stop_token_ids
@@ -95,8 +98,10 @@ class _State:
     image_index: np.ndarray | None  # [L] feature row of each image token, -1 elsewhere
     image_end: int  # one past the last image token (0 without images)
     feats: Tensor | None = None  # [N_img_tok, H] ViT features while needed
+    detok: IncrementalDetokenizer | None = None  # chat: the text of the output ids (None for T2I)
     emitted: str = ""  # text already handed out in deltas
-    stop_text: str | None = None  # the cut text when a stop string ended the request
+    held: str = ""  # final text not handed out yet: a stop string may begin in it (at most len(longest) - 1)
+    stop_tail: str | None = None  # when a stop string ended the request: the text after `emitted` up to it
     query_start: int | None = None  # T2I prefill: index of the first latent-query row; None for chat
     hidden: Tensor | None = None  # T2I prefill: [Q, H] query states, filled as their rows are computed
 
@@ -174,8 +179,9 @@ class LLMEngine:
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         request = Request(request_id, ids, params.max_tokens, spans)
+        detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
         return _State(request, prompt, params, stop_token_ids(params, self.special), generator, positions, delta,
-                      index, end)
+                      index, end, detok=detok)
 
     def _new_t2i_state(self, request_id: str, prompt: PreparedPrompt, q: int) -> _State:
         """Prompt ids + q placeholder rows, 1-D positions (positions None, delta 0: the batch builder then
@@ -310,6 +316,10 @@ class LLMEngine:
         sample from their own generator. One host transfer at the end."""
         dev = logits.device
         params = [st.params for st in states]
+        if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
+            # Nothing to process: prepare_logits' argmax of these rows is the plain argmax (the fp32
+            # upcast is exact and monotone). Skips its top-k sort over the vocabulary.
+            return logits.argmax(dim=-1).tolist()
         penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32).to(dev, non_blocking=True)
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32).to(dev, non_blocking=True)
         top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64).to(dev, non_blocking=True)
@@ -330,41 +340,39 @@ class LLMEngine:
         return tokens.tolist()
 
     def _is_stop(self, st: _State, token: int) -> bool:
-        """A stop token, or a stop string completed by `token` (its cut text is remembered)."""
+        """Take in `token`'s text; True for a stop token (never decoded: its text is not part of the output)
+        or when a stop string completes (the text up to it is remembered)."""
         if token in st.stop_ids:
             return True
-        if st.params.stop:
-            text = self._decode(st, st.request.output_token_ids + [token])
-            cut = find_stop_string(text, st.params.stop)
-            if cut >= 0:
-                st.stop_text = text[:cut]
-                return True
+        st.held += st.detok.add(token)
+        if not st.params.stop:
+            return False
+        # Text before `held` was checked at earlier tokens and cannot change, so a new stop string ends
+        # in the new or pending text and starts at most len(longest) - 1 characters earlier, i.e. within
+        # `held` (`_output` keeps those back). Any stop string found here is then also the earliest one.
+        window = st.held + st.detok.pending
+        cut = find_stop_string(window, st.params.stop)
+        if cut >= 0:
+            st.stop_tail = window[:cut]
+            return True
         return False
-
-    def _decode(self, st: _State, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=st.params.skip_special_tokens)
 
     def _output(self, st: _State, token: int) -> RequestOutput:
         req = st.request
         finished = req.finish_reason is not None
-        ids = req.output_token_ids
-        if st.stop_text is not None:
-            text = st.stop_text
-        elif finished and ids[-1] in st.stop_ids and req.finish_reason.value == "stop":
-            text = self._decode(st, ids[:-1])
-        else:
-            text = self._decode(st, ids)
-        if not finished:
-            text = text.rstrip("\ufffd")  # an incomplete multi-byte character may still change
-            if st.params.stop:  # a stop string may still begin in the tail
-                hold = max(len(s) for s in st.params.stop) - 1
-                text = text[:max(len(text) - hold, len(st.emitted))] if hold else text
-        delta = text[len(st.emitted):] if text.startswith(st.emitted) else ""
+        if st.stop_tail is not None:  # a stop string ended it: the text stops before it
+            delta = st.stop_tail
+        elif finished:  # all the rest, incomplete characters included (a stop token was never decoded)
+            delta = st.held + st.detok.flush()
+        else:  # hand out the final text except where a stop string may still begin
+            keep = min(len(st.held), max(len(s) for s in st.params.stop) - 1) if st.params.stop else 0
+            delta, st.held = st.held[:len(st.held) - keep], st.held[len(st.held) - keep:]
         st.emitted += delta
         if finished:
             self._states.pop(req.request_id, None)
-        return RequestOutput(req.request_id, [token], delta, finished,
-                             req.finish_reason.value if finished else None, list(ids), text, req.num_prompt_tokens)
+        return RequestOutput(req.request_id, [token], delta, finished, req.finish_reason.value if finished else None,
+                             list(req.output_token_ids), st.emitted, req.num_prompt_tokens)  # a copy: the
+        # request's list keeps growing, and an output already handed out must not change under its holder
 
 
 __all__ = ["LLMEngine", "QUERY_PLACEHOLDER_ID", "RequestOutput", "image_content_hash"]
