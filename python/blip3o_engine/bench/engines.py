@@ -16,6 +16,8 @@ state dict is assigned into it under transformers 5.x names (`model.language_mod
 
 from __future__ import annotations
 
+import copy
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +101,8 @@ def default_dtype(device: torch.device) -> str:
 
 def load_engines(model: str, device: torch.device, dtype: str | None, backends: list[str],
                  compile: bool | None = None) -> LoadedEngines:
-    """Build the model once and wrap it in one Engine per backend (first engine backend owns it);
+    """Build the model once and wrap it in one Engine per backend (first engine backend owns it; on CPU
+    each further backend runs on its own copy);
     "transformers" adds a `TransformersChat` over the same weights (chat mode only)."""
     for b in backends:
         if b not in (*BACKENDS, TRANSFORMERS):
@@ -117,7 +120,12 @@ def load_engines(model: str, device: torch.device, dtype: str | None, backends: 
     first = Engine.from_pretrained(model, device=device, dtype=torch_dtype, backend=backends[0], compile=compile)
     engines = {backends[0]: first}
     for b in backends[1:]:
-        engines[b] = Engine(first.model, first.tokenizer, first.prompts.image_processor, backend=b, compile=compile,
+        # On CPU the optimized backend re-lays its LLM weights out in place (in-major, weight_fusion), which
+        # would speed up a reference sharing them: each further backend gets its own copy, made before any
+        # engine has run. On CUDA the layout never changes (fused weights are row views of the same
+        # values), so they share one model and the 8b preset fits once.
+        model = first.model if device.type == "cuda" else copy.deepcopy(first.model)
+        engines[b] = Engine(model, first.tokenizer, first.prompts.image_processor, backend=b, compile=compile,
                             name=first.name)
         engines[b].is_random_preset = first.is_random_preset
     if TRANSFORMERS in order:
