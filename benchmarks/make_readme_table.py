@@ -5,8 +5,8 @@
     python benchmarks/make_readme_table.py --write README.md    # replace the block between the markers
     python benchmarks/make_readme_table.py --csv run.csv --brief  # a compact table (gpu_check.sh's last output)
 
-One table per run (device x preset x commit x date); by default only the latest run of each
-(device, preset, set of stages timed), `--all-runs` for every run. Each table's heading states the device, date, commit and
+One table per run (device x preset x commit x date); by default a run is left out when a newer run
+on the same device and preset timed all of its stages, `--all-runs` shows every run. Each table's heading states the device, date, commit and
 dtype that every number in it comes from, and the ceilings measured in that run. Only rows that a
 real run wrote exist in these files (benchmarks/results/README.md): nothing here is estimated.
 """
@@ -39,18 +39,19 @@ def _timed(group: list[dict[str, str]]) -> frozenset[str]:
 
 
 def runs(rows: list[dict[str, str]], all_runs: bool) -> list[list[dict[str, str]]]:
-    """Rows grouped by run, newest first; only the latest run per (device, preset, stages timed) unless
-    all_runs."""
+    """Rows grouped by run, newest first; unless all_runs, a run is left out when a newer run on the same
+    device and preset timed all of its stages."""
     groups: dict[tuple[str, str, str, str], list[dict[str, str]]] = defaultdict(list)
     for r in rows:
         groups[(r["device"], r["preset"], r["commit"], r["date"])].append(r)
     ordered = sorted(groups.items(), key=lambda kv: kv[0][3], reverse=True)
     seen, out = set(), []
     for (device, preset, _, _), group in ordered:
-        key = (device, preset, _timed(group))
-        if not all_runs and key in seen:
+        timed = _timed(group)
+        # Superseded: a newer run on this device and preset timed every stage this one did.
+        if not all_runs and any(d == device and p == preset and timed <= t for d, p, t in seen):
             continue
-        seen.add(key)
+        seen.add((device, preset, timed))
         out.append(group)
     return out
 
