@@ -48,6 +48,7 @@ class StepPlan:
     decode_mask: Tensor | None  # [Sd, 1, 1, Lmax] bool key allowed; None when all have Lmax keys
     decode_empty: Tensor | None  # [Sd, 1, 1] bool, a sequence with no context (output zeros); usually None
     prefills: tuple[PrefillSeq, ...]
+    decode_only: bool  # every token is a one-token sequence, in order (decode_rows == arange(T))
 
 
 def _context_slots(block_table: Tensor, lens: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
@@ -78,15 +79,17 @@ def plan_step(positions: Tensor, cos_sin_cache: Tensor, mrope_section: tuple[int
         cu = cu_seqlens_q.tolist()
         q_lens, starts = [b - a for a, b in zip(cu, cu[1:])], cu[:-1]
     one = [s for s in range(num_seqs) if q_lens[s] == 1]
+    decode_only = len(one) == num_seqs == positions.shape[1]
     decode_rows = decode_slots = decode_mask = decode_empty = None
     if one:
-        idx = torch.tensor(one)
-        decode_rows = torch.tensor([starts[s] for s in one])
-        decode_slots, valid = _context_slots(block_tables[idx], lens[idx], block_size)
+        idx = None if decode_only else torch.tensor(one)
+        tables, one_lens = (block_tables, lens) if decode_only else (block_tables[idx], lens[idx])
+        decode_rows = torch.arange(num_seqs) if decode_only else torch.tensor([starts[s] for s in one])
+        decode_slots, valid = _context_slots(tables, one_lens, block_size)
         if not bool(valid.all()):
             decode_mask = valid[:, None, None, :]
-        if bool((lens[idx] == 0).any()):  # every key masked: SDPA would give NaN; the contract is zeros
-            decode_empty = (lens[idx] == 0)[:, None, None]
+        if bool((one_lens == 0).any()):  # every key masked: SDPA would give NaN; the contract is zeros
+            decode_empty = (one_lens == 0)[:, None, None]
             decode_mask = decode_mask | decode_empty[..., None]  # let the row attend to slot 0, zeroed after
     prefills = []
     for s in range(num_seqs):
@@ -99,7 +102,7 @@ def plan_step(positions: Tensor, cos_sin_cache: Tensor, mrope_section: tuple[int
                 mask = torch.arange(n)[None, :] <= q_pos[:, None]  # [L, N]
             prefills.append(PrefillSeq(slice(starts[s], starts[s] + q_len), slots[0, :n], mask))
     return StepPlan(cos, sin, write_slots, write_rows, decode_rows, decode_slots, decode_mask, decode_empty,
-                    tuple(prefills))
+                    tuple(prefills), decode_only)
 
 
 def rotary(q: Tensor, k: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor]:
@@ -115,20 +118,27 @@ def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, plan: StepP
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, plan.write_slots, v)
 
 
+def _decode_attention(q: Tensor, k_flat: Tensor, v_flat: Tensor, plan: StepPlan, scale: float) -> Tensor:
+    """The one-token sequences' queries q `[Sd, Hq, d]` over their gathered keys, one SDPA: `[Sd, Hq, d]`."""
+    k = k_flat[plan.decode_slots].transpose(1, 2)  # [Sd, Hkv, Lmax, d]
+    v = v_flat[plan.decode_slots].transpose(1, 2)
+    o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=plan.decode_mask, scale=scale,
+                                       enable_gqa=True)  # [Sd, Hq, 1, d]
+    if plan.decode_empty is not None:
+        o = o.masked_fill(plan.decode_empty[..., None], 0)
+    return o[:, :, 0]
+
+
 def attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: StepPlan, scale: float) -> Tensor:
     """q `[T, Hq, d]` (the step's new tokens, already written to the cache) -> `[T, Hq, d]`: what
     `llm_ops.paged_prefill_attention` (and, for one-token sequences, `paged_decode_attention`) gives."""
-    out = q.new_empty(q.shape)
     k_flat = k_cache.view(-1, *k_cache.shape[2:])  # [slots, Hkv, d]
     v_flat = v_cache.view(-1, *v_cache.shape[2:])
+    if plan.decode_only:  # the common decode step: the batched call's output is the whole output
+        return _decode_attention(q, k_flat, v_flat, plan, scale)
+    out = q.new_empty(q.shape)
     if plan.decode_rows is not None:
-        k = k_flat[plan.decode_slots].transpose(1, 2)  # [Sd, Hkv, Lmax, d]
-        v = v_flat[plan.decode_slots].transpose(1, 2)
-        qd = q[plan.decode_rows][:, :, None]  # [Sd, Hq, 1, d]
-        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=plan.decode_mask, scale=scale, enable_gqa=True)
-        if plan.decode_empty is not None:
-            o = o.masked_fill(plan.decode_empty[..., None], 0)
-        out[plan.decode_rows] = o[:, :, 0]
+        out[plan.decode_rows] = _decode_attention(q[plan.decode_rows], k_flat, v_flat, plan, scale)
     for seq in plan.prefills:
         k = k_flat[seq.slots].transpose(0, 1)  # [Hkv, N, d]
         v = v_flat[seq.slots].transpose(0, 1)

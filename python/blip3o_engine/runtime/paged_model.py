@@ -92,12 +92,17 @@ class PagedTextModel:
         if not _use_triton(x):
             plan = llm_cpu.plan_step(positions, self.cos_sin, self.cfg.mrope_section, x.dtype, slot_mapping,
                                      block_tables, context_lens, cu_seqlens_q, kv_caches[0][0].shape[1])
+        # The CPU path calls the elementwise refs directly: the checked wrappers would dispatch to them
+        # anyway, and their per-call validation of the model's own tensors is host time a CPU step feels.
+        rms_norm = llm_ops.rms_norm if plan is None else llm_ops.rms_norm_ref
+        add_rms_norm = llm_ops.fused_add_rms_norm if plan is None else llm_ops.fused_add_rms_norm_ref
+        silu_and_mul = llm_ops.silu_and_mul if plan is None else llm_ops.silu_and_mul_ref
         eps = self.cfg.rms_norm_eps
         residual = x
-        h = llm_ops.rms_norm(x, self.text.layers[0].input_layernorm.weight, eps)
+        h = rms_norm(x, self.text.layers[0].input_layernorm.weight, eps)
         for i, layer in enumerate(self.text.layers):
             if i > 0:  # the previous layer's MLP residual add, fused with this layer's input norm
-                h, residual = llm_ops.fused_add_rms_norm(h, residual, layer.input_layernorm.weight, eps)
+                h, residual = add_rms_norm(h, residual, layer.input_layernorm.weight, eps)
             q, k, v = self._qkv(i, h)
             k_cache, v_cache = kv_caches[i]
             if plan is not None:
@@ -108,14 +113,14 @@ class PagedTextModel:
                 out = self._kernel_attention(q, k, v, positions, k_cache, v_cache, slot_mapping, block_tables,
                                              context_lens, cu_seqlens_q)
             h = layer.self_attn.o_proj(out.flatten(1))  # [T, H]
-            h, residual = llm_ops.fused_add_rms_norm(h, residual, layer.post_attention_layernorm.weight, eps)
-            h = layer.mlp.down_proj(llm_ops.silu_and_mul(F.linear(h, self.gate_up[i])))  # [T, 2I] -> [T, H]
+            h, residual = add_rms_norm(h, residual, layer.post_attention_layernorm.weight, eps)
+            h = layer.mlp.down_proj(silu_and_mul(F.linear(h, self.gate_up[i])))  # [T, 2I] -> [T, H]
         h = h + residual  # [T, H]
         last = h[last_token_indices]  # [S, H]: only the sampled rows go through norm and head
-        logits = self.text.compute_logits(llm_ops.rms_norm(last, self.text.norm.weight, eps))
+        logits = self.text.compute_logits(rms_norm(last, self.text.norm.weight, eps))
         if hidden_rows is None:
             return logits  # [S, V]
-        hidden = llm_ops.rms_norm(h[hidden_rows], self.text.norm.weight, eps)  # [R, H]
+        hidden = rms_norm(h[hidden_rows], self.text.norm.weight, eps)  # [R, H]
         return logits, hidden
 
     def _qkv(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
