@@ -9,7 +9,7 @@ reference backend, tests and the loader's key names still see `q_proj.weight` et
 wants the fused GEMM reads the returned matrix.
 
 Calling it again on the same layers returns the same matrix without copying (several samplers or
-runners may share one model). On CPU the LLM keeps its matrices in-major (see `fuse_linears`). The views share storage, so `safetensors.save_file` of a fused model's
+runners may share one model), in the layout the first call chose. On CPU the LLM keeps its matrices in-major (see `fuse_linears`). The views share storage, so `safetensors.save_file` of a fused model's
 state dict needs `save_model` (which handles shared tensors) or a `.contiguous()` copy per tensor.
 """
 
