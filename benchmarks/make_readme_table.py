@@ -6,7 +6,7 @@
     python benchmarks/make_readme_table.py --csv run.csv --brief  # a compact table (gpu_check.sh's last output)
 
 One table per run (device x preset x commit x date); by default a run is left out when a newer run
-on the same device and preset timed all of its stages, `--all-runs` shows every run. Each table's heading states the device, date, commit and
+on the same device and preset timed all of its (stage, backend, batch) rows, `--all-runs` shows every run. Each table's heading states the device, date, commit and
 dtype that every number in it comes from, and the ceilings measured in that run. Only rows that a
 real run wrote exist in these files (benchmarks/results/README.md): nothing here is estimated.
 """
@@ -33,14 +33,15 @@ def _notes(row: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def _timed(group: list[dict[str, str]]) -> frozenset[str]:
-    """What a run timed: its stage names (a chat run and a t2i run of one preset are both shown)."""
-    return frozenset(r["stage"] for r in group if not r["stage"].startswith("ceiling_"))
+def _timed(group: list[dict[str, str]]) -> frozenset[tuple[str, str, str]]:
+    """What a run timed: its (stage, backend, batch) rows (a chat run and a t2i run of one preset, or chat
+    runs at different batch sizes, are all shown)."""
+    return frozenset((r["stage"], r["backend"], r["batch"]) for r in group if not r["stage"].startswith("ceiling_"))
 
 
 def runs(rows: list[dict[str, str]], all_runs: bool) -> list[list[dict[str, str]]]:
     """Rows grouped by run, newest first; unless all_runs, a run is left out when a newer run on the same
-    device and preset timed all of its stages."""
+    device and preset timed all of its (stage, backend, batch) rows."""
     groups: dict[tuple[str, str, str, str], list[dict[str, str]]] = defaultdict(list)
     for r in rows:
         groups[(r["device"], r["preset"], r["commit"], r["date"])].append(r)
