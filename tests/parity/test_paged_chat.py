@@ -226,8 +226,12 @@ def test_stop_strings_and_stream(tiny_engine, ref):
         pieces = list(eng.chat_stream(MIXED[1], p))
         assert "".join(pieces) == eng.chat(MIXED[1], p).text
         assert len(pieces) > 1
-    # The reference backend streams its text in one piece.
-    assert list(tiny_engine.chat_stream(MIXED[1], params)) == [got.text]
+    # The reference backend streams too, token by token (its own full-decode hold-back logic): the same
+    # pieces as the optimized backend's incremental detokenizer, with and without a stop string.
+    for p in (params, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)):
+        ref_pieces = list(tiny_engine.chat_stream(MIXED[1], p))
+        assert len(ref_pieces) > 1 and "".join(ref_pieces) == tiny_engine.chat(MIXED[1], p).text
+        assert ref_pieces == list(eng.chat_stream(MIXED[1], p))
     assert_pool_clean(eng.llm_engine)
 
 

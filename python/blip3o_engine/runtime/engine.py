@@ -8,8 +8,8 @@ exists (chat has been used), the optimized backend's T2I prefill runs through it
 the chat requests in flight (`_paged_t2i_prefill`).
 
 Request-level chat (`add_request` / `step` / `abort`) works on either backend: it always runs the
-LLMEngine, built on first use. `chat_stream` on the reference backend runs `generate_text` and
-yields the whole text as one delta at the end.
+LLMEngine, built on first use. `chat_stream` on the reference backend streams
+`reference.stream_text`'s deltas (a full decode per token: readable, not fast).
 """
 
 from __future__ import annotations
@@ -157,15 +157,14 @@ class Engine:
         return results
 
     def chat_stream(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the answer's text in pieces as it is generated; the pieces concatenate to `chat`'s text.
-        (Reference backend: one piece, at the end.)"""
+        """Yield the answer's text in pieces as it is generated; the pieces concatenate to `chat`'s text."""
         params = params or SamplingParams()
         prompt = self.prompts.chat(messages)
         self._check_context(len(prompt.token_ids) + params.max_tokens)
         if self.backend != "optimized":
-            _, text, _ = reference.generate_text(self.model, prompt, params, self.tokenizer, self.special)
-            if text:
-                yield text
+            for delta, _, _, _ in reference.stream_text(self.model, prompt, params, self.tokenizer, self.special):
+                if delta:
+                    yield delta
             return
         rid = self._submit_internal(prompt, params)
         try:

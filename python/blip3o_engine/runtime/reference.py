@@ -6,7 +6,7 @@ the oracle every optimized path is tested against, so it favours being obviously
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -66,40 +66,67 @@ def find_stop_string(text: str, stops: tuple[str, ...]) -> int:
     return min(hits) if hits else -1
 
 
-@torch.inference_mode()
+def sample_tokens(model: Blip3oModel, prompt: PreparedPrompt, params: SamplingParams, special: SpecialTokens
+                  ) -> Iterator[int]:
+    """Prefill + token-by-token decode with a contiguous KV cache: yields each sampled token, up to
+    max_tokens, ending after a stop token. The consumer stops it early for a stop string."""
+    with torch.inference_mode():
+        embeds, pos, delta = embed_prompt(model, prompt, special)
+        cache = model.text.new_cache()
+        hidden = model.text(embeds, pos, cache)  # [1, L, H]
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=model.device).manual_seed(params.seed)
+        seen = torch.tensor(prompt.token_ids, device=model.device, dtype=torch.long)
+    stops = stop_token_ids(params, special)
+    for step in range(params.max_tokens):
+        with torch.inference_mode():  # not held across the yield: the consumer's code runs outside it
+            logits = model.text.compute_logits(hidden[0, -1])  # [V]
+            token = select_next_token(logits, params, seen, generator)
+        yield token
+        if token in stops or step + 1 == params.max_tokens:
+            return
+        with torch.inference_mode():
+            seen = torch.cat([seen, seen.new_tensor([token])])
+            position = len(prompt.token_ids) + step + delta
+            pos = torch.full((3, 1, 1), position, device=model.device)
+            hidden = model.text(model.text.embed(seen[-1:][None]), pos, cache)
+
+
+def stream_text(model: Blip3oModel, prompt: PreparedPrompt, params: SamplingParams, tokenizer,
+                special: SpecialTokens) -> Iterator[tuple[str, str, list[int], str | None]]:
+    """Yields (text delta, text so far, ids so far, finish reason or None) after every sampled token; the
+    deltas concatenate to the final text. The text is the full decode of the ids at each step (slow, and
+    obviously right), minus what may still change: a trailing incomplete character and, with stop
+    strings, the last len(longest stop) - 1 characters. Finishing: a stop token ends with "stop" (kept in
+    the ids, not the text); a stop string ends with "stop", the text cut before it; else "length"."""
+    stops = stop_token_ids(params, special)
+    hold = max(map(len, params.stop), default=1) - 1
+    out: list[int] = []
+    emitted = ""
+    for token in sample_tokens(model, prompt, params, special):
+        out.append(token)
+        finish = "stop" if token in stops else "length" if len(out) == params.max_tokens else None
+        text = tokenizer.decode(out[:-1] if token in stops else out, skip_special_tokens=params.skip_special_tokens)
+        cut = find_stop_string(text, params.stop) if params.stop and token not in stops else -1
+        if cut >= 0:
+            text, finish = text[:cut], "stop"
+        elif finish is None:  # hold back what a later token may still change
+            text = text.rstrip("\ufffd")
+            text = text[:max(len(text) - hold, len(emitted))]
+        yield text[len(emitted):], text, list(out), finish
+        emitted = text
+        if finish is not None:
+            return
+
+
 def generate_text(model: Blip3oModel, prompt: PreparedPrompt, params: SamplingParams, tokenizer,
                   special: SpecialTokens) -> tuple[list[int], str, str]:
-    """Prefill + token-by-token decode with a contiguous KV cache. Returns (ids, text, finish_reason)."""
-    embeds, pos, delta = embed_prompt(model, prompt, special)
-    cache = model.text.new_cache()
-    hidden = model.text(embeds, pos, cache)  # [1, L, H]
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(params.seed)
-    seen = torch.tensor(prompt.token_ids, device=model.device, dtype=torch.long)
-    stops = stop_token_ids(params, special)
-    out: list[int] = []
-    finish = "length"
-    for step in range(params.max_tokens):
-        logits = model.text.compute_logits(hidden[0, -1])  # [V]
-        token = select_next_token(logits, params, seen, generator)
-        out.append(token)
-        if token in stops:
-            finish = "stop"
-            break
-        if params.stop:
-            text = tokenizer.decode(out, skip_special_tokens=params.skip_special_tokens)
-            cut = find_stop_string(text, params.stop)
-            if cut >= 0:
-                return out, text[:cut], "stop"
-        if step + 1 == params.max_tokens:
-            break
-        seen = torch.cat([seen, seen.new_tensor([token])])
-        position = len(prompt.token_ids) + step + delta
-        pos = torch.full((3, 1, 1), position, device=model.device)
-        hidden = model.text(model.text.embed(seen[-1:][None]), pos, cache)
-    body = out[:-1] if finish == "stop" else out
-    return out, tokenizer.decode(body, skip_special_tokens=params.skip_special_tokens), finish
+    """The whole answer: (ids, text, finish_reason), as `stream_text` finishes it."""
+    text, ids, finish = "", [], "length"
+    for _, text, ids, finish in stream_text(model, prompt, params, tokenizer, special):
+        pass
+    return ids, text, finish
 
 
 # ------------------------------------------------------------------------------------------------
