@@ -94,12 +94,14 @@ def sample_tokens(model: Blip3oModel, prompt: PreparedPrompt, params: SamplingPa
 
 
 def stream_text(model: Blip3oModel, prompt: PreparedPrompt, params: SamplingParams, tokenizer,
-                special: SpecialTokens) -> Iterator[tuple[str, str, list[int], str | None]]:
+                special: SpecialTokens, deltas: bool = True) -> Iterator[tuple[str, str, list[int], str | None]]:
     """Yields (text delta, text so far, ids so far, finish reason or None) after every sampled token; the
     deltas concatenate to the final text. The text is the full decode of the ids at each step (slow, and
     obviously right), minus what may still change: a trailing incomplete character and, with stop
     strings, the last len(longest stop) - 1 characters. Finishing: a stop token ends with "stop" (kept in
-    the ids, not the text); a stop string ends with "stop", the text cut before it; else "length"."""
+    the ids, not the text); a stop string ends with "stop", the text cut before it; else "length".
+    deltas=False (a caller that wants only the end): without stop strings nothing is decoded before the
+    last token, whose yield alone carries the text."""
     stops = stop_token_ids(params, special)
     hold = max(map(len, params.stop), default=1) - 1
     out: list[int] = []
@@ -107,6 +109,9 @@ def stream_text(model: Blip3oModel, prompt: PreparedPrompt, params: SamplingPara
     for token in sample_tokens(model, prompt, params, special):
         out.append(token)
         finish = "stop" if token in stops else "length" if len(out) == params.max_tokens else None
+        if finish is None and not deltas and not params.stop:
+            yield "", emitted, list(out), None  # nothing to look for in the text until the end
+            continue
         text = tokenizer.decode(out[:-1] if token in stops else out, skip_special_tokens=params.skip_special_tokens)
         cut = find_stop_string(text, params.stop) if params.stop and token not in stops else -1
         if cut >= 0:
@@ -124,7 +129,7 @@ def generate_text(model: Blip3oModel, prompt: PreparedPrompt, params: SamplingPa
                   special: SpecialTokens) -> tuple[list[int], str, str]:
     """The whole answer: (ids, text, finish_reason), as `stream_text` finishes it."""
     text, ids, finish = "", [], "length"
-    for _, text, ids, finish in stream_text(model, prompt, params, tokenizer, special):
+    for _, text, ids, finish in stream_text(model, prompt, params, tokenizer, special, deltas=False):
         pass
     return ids, text, finish
 
