@@ -80,29 +80,37 @@ def plan_step(positions: Tensor, cos_sin_cache: Tensor, mrope_section: tuple[int
         q_lens, starts = [b - a for a, b in zip(cu, cu[1:])], cu[:-1]
     one = [s for s in range(num_seqs) if q_lens[s] == 1]
     decode_only = len(one) == num_seqs == positions.shape[1]
-    decode_rows = decode_slots = decode_mask = decode_empty = None
-    if one:
-        idx = None if decode_only else torch.tensor(one)
-        tables, one_lens = (block_tables, lens) if decode_only else (block_tables[idx], lens[idx])
-        decode_rows = torch.arange(num_seqs) if decode_only else torch.tensor([starts[s] for s in one])
-        decode_slots, valid = _context_slots(tables, one_lens, block_size)
-        if not bool(valid.all()):
-            decode_mask = valid[:, None, None, :]
-        if bool((one_lens == 0).any()):  # every key masked: SDPA would give NaN; the contract is zeros
-            decode_empty = (one_lens == 0)[:, None, None]
-            decode_mask = decode_mask | decode_empty[..., None]  # let the row attend to slot 0, zeroed after
-    prefills = []
-    for s in range(num_seqs):
-        if q_lens[s] > 1:
-            slots, _ = _context_slots(block_tables[s:s + 1], lens[s:s + 1], block_size)  # [1, N]
-            n, q_len = int(lens[s]), q_lens[s]
-            mask = None
-            if n != q_len:  # new token i sits at position n - q_len + i and sees keys at positions <= it
-                q_pos = torch.arange(n - q_len, n)
-                mask = torch.arange(n)[None, :] <= q_pos[:, None]  # [L, N]
-            prefills.append(PrefillSeq(slice(starts[s], starts[s] + q_len), slots[0, :n], mask))
-    return StepPlan(cos, sin, write_slots, write_rows, decode_rows, decode_slots, decode_mask, decode_empty,
-                    tuple(prefills), decode_only)
+    decode = _plan_decodes(one, starts, block_tables, lens, block_size, decode_only)
+    prefills = tuple(_plan_prefill(block_tables[s:s + 1], int(lens[s]), starts[s], q_lens[s], block_size)
+                     for s in range(num_seqs) if q_lens[s] > 1)
+    return StepPlan(cos, sin, write_slots, write_rows, *decode, prefills, decode_only)
+
+
+def _plan_decodes(one: list[int], starts: list[int], block_tables: Tensor, lens: Tensor, block_size: int,
+                  decode_only: bool) -> tuple[Tensor | None, ...]:
+    """(rows, slots, mask, empty) of StepPlan for the one-token sequences `one` (all None if there are none)."""
+    if not one:
+        return None, None, None, None
+    idx = None if decode_only else torch.tensor(one)
+    tables, one_lens = (block_tables, lens) if decode_only else (block_tables[idx], lens[idx])
+    rows = torch.arange(len(one)) if decode_only else torch.tensor([starts[s] for s in one])
+    slots, valid = _context_slots(tables, one_lens, block_size)
+    mask = None if bool(valid.all()) else valid[:, None, None, :]
+    empty = None
+    if bool((one_lens == 0).any()):  # every key masked: SDPA would give NaN; the contract is zeros
+        empty = (one_lens == 0)[:, None, None]
+        mask = mask | empty[..., None]  # let the row attend to slot 0, zeroed after
+    return rows, slots, mask, empty
+
+
+def _plan_prefill(block_table: Tensor, n: int, start: int, q_len: int, block_size: int) -> PrefillSeq:
+    """A sequence with q_len > 1 new tokens (rows start...) ending its n-token context."""
+    slots, _ = _context_slots(block_table, torch.tensor([n]), block_size)  # [1, N]
+    mask = None
+    if n != q_len:  # new token i sits at position n - q_len + i and sees keys at positions <= it
+        q_pos = torch.arange(n - q_len, n)
+        mask = torch.arange(n)[None, :] <= q_pos[:, None]  # [L, N]
+    return PrefillSeq(slice(start, start + q_len), slots[0, :n], mask)
 
 
 def rotary(q: Tensor, k: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor]:
