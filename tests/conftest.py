@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# Shared engine helpers (`_paged_util`) live in tests/parity; unit tests import them too.
+sys.path.insert(0, str(Path(__file__).parent / "parity"))
 
 # Tests are small; more threads than cores only adds contention on 2-core CI machines.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

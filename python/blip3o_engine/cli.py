@@ -25,7 +25,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_engine(args):
-    from .runtime.engine import Engine
+    from .engine import Engine
 
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, backend=args.backend,

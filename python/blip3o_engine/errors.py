@@ -55,3 +55,7 @@ class InputError(Blip3oError, ValueError):
 
 class CapacityError(Blip3oError, RuntimeError):
     """A request can never fit the engine's configured capacity (e.g. prompt longer than the KV pool)."""
+
+
+class OverloadedError(Blip3oError, RuntimeError):
+    """The engine has as many admitted requests as it accepts (`AsyncEngine`'s max_pending): retry later."""

@@ -136,6 +136,14 @@ def block_pair(cfg: DiTConfig, multiple_of: int, dtype: torch.dtype) -> tuple[Ne
     return ours.to(dtype).eval(), ref.to(dtype).eval()
 
 
+def run_block(block: NextDiTBlock, x: torch.Tensor, temb: torch.Tensor, cp: torch.Tensor,
+              rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Our block on one step's inputs, as NextDiT.step feeds it: modulation [4, B, D] from temb, cross K/V
+    [2, B, H, M, d] from the projected caption (gate applied after attention, as the reference does)."""
+    mod = block.norm1.modulation(temb).transpose(0, 1)
+    return block(x, mod, torch.stack(block.cross_key_value(cp)), rope, gate_folded=False)
+
+
 @pytest.mark.parametrize("name", list(SMALL_CFGS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_block_equals_diffusers(name: str, dtype: torch.dtype) -> None:
@@ -153,7 +161,8 @@ def test_block_equals_diffusers(name: str, dtype: torch.dtype) -> None:
         return block(x.to(dt), masks[0], table, cp.to(dt), masks[1], temb.to(dt), cross_attention_kwargs={})
 
     with torch.no_grad():
-        out = ours(x.to(dtype), temb.to(dtype), cp.to(dtype), rope_2d(cfg.input_size, cfg.head_dim, cfg.rope_theta))
+        out = run_block(ours, x.to(dtype), temb.to(dtype), cp.to(dtype),
+                        rope_2d(cfg.input_size, cfg.head_dim, cfg.rope_theta))
         expected = run_ref(ref, dtype)
     assert out.dtype == dtype and out.shape == expected.shape
     if dtype == torch.float32:

@@ -93,8 +93,9 @@ def test_stop_token_and_ignore_eos(tiny_engine, greedy16):
     full = greedy16.token_ids
     fake_eos = full[3]
     first = full.index(fake_eos)
-    engine = copy.copy(tiny_engine)  # shares the model; only the special-token table differs
-    engine.special = dataclasses.replace(tiny_engine.special, im_end=fake_eos)
+    # A new engine over the same weights whose special-token table (seen by its AR stage) differs.
+    engine = Engine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.prompts.image_processor)
+    engine.special = engine._ar.special = dataclasses.replace(tiny_engine.special, im_end=fake_eos)
     stopped = engine.chat(MSG, SamplingParams(max_tokens=16, temperature=0.0))
     assert stopped.finish_reason == "stop"
     assert stopped.token_ids == full[:first + 1]
@@ -180,7 +181,7 @@ def test_chat_batch_params_length_mismatch(tiny_engine, count_generate):
 def test_prompt_plus_max_tokens_over_context(tiny_engine, count_generate):
     limit = tiny_engine.cfg.text.max_position_embeddings
     n_prompt = len(tiny_engine.prompts.chat(MSG).token_ids)
-    with pytest.raises(InputError, match=f"exceeds the model's context of {limit}"):
+    with pytest.raises(InputError, match=f"exceeds the context \\(max_model_len\\) of {limit}"):
         tiny_engine.chat(MSG, SamplingParams(max_tokens=limit - n_prompt + 1))
     assert count_generate == []
     # Exactly at the limit is allowed (only checked, not run: 4k tokens would be slow).

@@ -29,7 +29,7 @@ import torch
 
 from ..models.unet import sdxl_time_ids
 from ..params import ImageParams, SamplingParams
-from ..runtime.engine import Engine
+from ..engine import Engine
 from . import costs
 from .ceilings import Ceilings, measure_ceilings
 from .costs import Cost
