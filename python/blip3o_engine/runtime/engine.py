@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import secrets
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,11 +24,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..config import PRESETS, ModelConfig, dtype_from_name, preset_config
+from ..config import PRESETS, ModelConfig, device_from_name, dtype_from_name, preset_config
 from ..errors import CheckpointNotFoundError, ConfigError, InputError
 from ..models.blip3o import Blip3oModel, load_model, random_model
 from ..outputs import ChatResult, ImageResult
-from ..params import ImageParams, SamplingParams
+from ..params import ImageParams, SamplingParams, as_image_params, as_sampling_params
 from ..prompts import PreparedPrompt, PromptBuilder
 from ..tiny import CHECKPOINT_PRESETS, preset_checkpoint
 from ..tokenization import SpecialTokens, load_image_processor, load_tokenizer
@@ -42,6 +41,9 @@ BACKENDS = ("reference", "optimized")
 # Progress reporting: True draws tqdm bars; a callable gets (stage, step, total) with stage in
 # {"dit", "decoder"}.
 Progress = bool | Callable[[str, int, int], None]
+# Every `params` argument takes the params object, a dict of its fields, or None (the defaults).
+SamplingParamsLike = SamplingParams | dict[str, Any] | None
+ImageParamsLike = ImageParams | dict[str, Any] | None
 
 
 class Engine:
@@ -88,9 +90,7 @@ class Engine:
         runner_config = RunnerConfig(block_size=block_size, num_blocks=kv_blocks, max_num_seqs=max_num_seqs,
                                      max_num_batched_tokens=max_num_batched_tokens)
         torch_dtype = dtype_from_name(dtype)
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' requested but CUDA is not available")
+        device = device_from_name(device)
         name = str(model)
         is_preset = name.lower() in PRESETS and not Path(name).is_dir()
         if is_preset and name.lower() not in CHECKPOINT_PRESETS:
@@ -123,8 +123,8 @@ class Engine:
 
     # ------------------------------------------------------------------------------ chat
 
-    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> ChatResult:
-        params = params or SamplingParams()
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParamsLike = None) -> ChatResult:
+        params = as_sampling_params(params)
         if self.backend == "optimized":
             return self.chat_batch([messages], [params])[0]
         start = time.perf_counter()
@@ -135,13 +135,14 @@ class Engine:
                           timings={"total": time.perf_counter() - start})
 
     def chat_batch(self, conversations: list[list[dict[str, Any]]],
-                   params: SamplingParams | list[SamplingParams] | None = None) -> list[ChatResult]:
+                   params: SamplingParamsLike | list[SamplingParamsLike] = None) -> list[ChatResult]:
         """Answer several conversations; results are in input order. Every conversation is
         validated before any work starts, so a bad one fails the call without partial results.
         The optimized backend runs them together, continuously batched."""
         if not isinstance(conversations, list):
             raise InputError("chat_batch expects a list of conversations")
-        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(conversations)
+        plist = ([as_sampling_params(p) for p in params] if isinstance(params, list)
+                 else [as_sampling_params(params)] * len(conversations))
         if len(plist) != len(conversations):
             raise InputError(f"{len(conversations)} conversations but {len(plist)} SamplingParams")
         prompts = [self.prompts.chat(m) for m in conversations]
@@ -156,9 +157,9 @@ class Engine:
             results.append(ChatResult(text, ids, finish, len(prompt.token_ids), {"total": time.perf_counter() - start}))
         return results
 
-    def chat_stream(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> Iterator[str]:
+    def chat_stream(self, messages: list[dict[str, Any]], params: SamplingParamsLike = None) -> Iterator[str]:
         """Yield the answer's text in pieces as it is generated; the pieces concatenate to `chat`'s text."""
-        params = params or SamplingParams()
+        params = as_sampling_params(params)
         prompt = self.prompts.chat(messages)
         self._check_context(len(prompt.token_ids) + params.max_tokens)
         if self.backend != "optimized":
@@ -188,13 +189,15 @@ class Engine:
         return self._llm
 
     def add_request(self, request_id: str, messages: list[dict[str, Any]] | PreparedPrompt,
-                    params: SamplingParams | None = None) -> None:
+                    params: SamplingParamsLike = None) -> None:
         """Queue a chat request (a conversation, or a prompt from `self.prompts.chat`); its outputs come
-        from `step()`. Raises InputError for a bad conversation or one past the context, CapacityError
-        if it could never fit the KV pool."""
+        from `step()`. Raises InputError for a bad conversation, one past the context or an id already
+        queued or running, CapacityError if it could never fit the KV pool."""
+        if not isinstance(request_id, str) or not request_id:
+            raise InputError(f"request_id must be a non-empty string, got {request_id!r}")
         if request_id.startswith("__chat"):
             raise InputError("request ids starting with '__chat' are reserved")
-        params = params or SamplingParams()
+        params = as_sampling_params(params)
         prompt = messages if isinstance(messages, PreparedPrompt) else self.prompts.chat(messages)
         self._check_context(len(prompt.token_ids) + params.max_tokens)
         self.llm_engine.add_request(request_id, prompt, params)
@@ -255,18 +258,18 @@ class Engine:
             elif not out.request_id.startswith("__chat"):  # (an abandoned stream's leftovers are dropped)
                 self._outbox.append(out)
 
-    def _check_context(self, total_tokens: int) -> None:
+    def _check_context(self, total_tokens: int, what: str = "prompt + max_tokens") -> None:
         limit = self.cfg.text.max_position_embeddings
         if total_tokens > limit:
-            raise InputError(f"prompt + max_tokens = {total_tokens} exceeds the model's context of {limit} tokens")
+            raise InputError(f"{what} = {total_tokens} exceeds the model's context of {limit} tokens")
 
     # ------------------------------------------------------------------------------ text-to-image
 
-    def generate_image(self, prompt: str, params: ImageParams | None = None, image: Any = None,
+    def generate_image(self, prompt: str, params: ImageParamsLike = None, image: Any = None,
                        progress: Progress = False) -> ImageResult:
         return self.generate_images([prompt], params, images=[image], progress=progress)[0]
 
-    def generate_images(self, prompts: list[str], params: ImageParams | None = None,
+    def generate_images(self, prompts: list[str], params: ImageParamsLike = None,
                         images: list[Any] | None = None, progress: Progress = False) -> list[ImageResult]:
         """Text-to-image for each prompt (optionally conditioned on an input image each).
 
@@ -274,7 +277,7 @@ class Engine:
         seed `params.seed + i` for its noise, so its result does not depend on the batch it ran in.
         Every prompt and image is validated before any work starts.
         """
-        params = params or ImageParams()
+        params = as_image_params(params)
         self._require_generation()
         if isinstance(prompts, str) or not isinstance(prompts, list) or not prompts:
             raise InputError("generate_images expects a non-empty list of prompt strings")
@@ -282,15 +285,14 @@ class Engine:
         if len(images) != len(prompts):
             raise InputError(f"{len(prompts)} prompts but {len(images)} images")
         height, width = self.image_size(params)
-        base_seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
-        prepared = [self.prompts.t2i(p, img) for p, img in zip(prompts, images)]
+        seeds = params.image_seeds(len(prompts))
+        prepared = [self._t2i_prompt(p, img) for p, img in zip(prompts, images)]
         uncond = self.uncond_features(params)
         cap = params.max_batch_size or len(prepared)
         results: list[ImageResult] = []
         for start in range(0, len(prepared), cap):
-            seeds = [base_seed + start + i for i in range(len(prepared[start:start + cap]))]
-            results += self._generate_batch(prepared[start:start + cap], seeds, params, uncond, height, width,
-                                            progress)
+            results += self._generate_batch(prepared[start:start + cap], seeds[start:start + cap], params, uncond,
+                                            height, width, progress)
         return results
 
     def _generate_batch(self, prompts, seeds, params, uncond, height, width, progress) -> list[ImageResult]:
@@ -313,30 +315,30 @@ class Engine:
     def encode_prompt(self, prompt: str, image: Any = None) -> torch.Tensor:
         """Stage-1 prefill: the 64 query hidden states [Q, H] for a caption (and optional image)."""
         self._require_generation()
-        return self._t2i_runner().encode([self.prompts.t2i(prompt, image)])[0]
+        return self._t2i_runner().encode([self._t2i_prompt(prompt, image)])[0]
 
-    def sample_clip_features(self, cond: torch.Tensor, params: ImageParams | None = None,
+    def sample_clip_features(self, cond: torch.Tensor, params: ImageParamsLike = None,
                              noise: torch.Tensor | None = None, progress: Progress = False) -> torch.Tensor:
         """DiT flow matching: query states [B, Q, H] -> CLIP features [B, Q, C].
         noise: [B, C, S, S] standard normal; None draws it from `params.seed` (+ i for row i)."""
-        params = params or ImageParams()
+        params = as_image_params(params)
         self._require_generation()
         if cond.ndim != 3 or cond.shape[1:] != (self.cfg.n_query, self.cfg.text.hidden_size):
             raise InputError(f"cond must be [B, {self.cfg.n_query}, {self.cfg.text.hidden_size}], got {list(cond.shape)}")
         b = cond.shape[0]
         if noise is None:
-            noise = self._draw_noise(self._seeds(params, b), [self._dit_noise_shape()])[0]
+            noise = self._draw_noise(params.image_seeds(b), [self._dit_noise_shape()])[0]
         noise = self._check_noise(noise, (b, *self._dit_noise_shape()))
         return self._t2i_runner().sample(cond.to(self.device, self.model.dtype), noise, params.dit_steps,
                                          params.dit_guidance, self._callback(progress, "dit", params.dit_steps))
 
-    def decode_pixels(self, feats: torch.Tensor, params: ImageParams | None = None, noise: torch.Tensor | None = None,
+    def decode_pixels(self, feats: torch.Tensor, params: ImageParamsLike = None, noise: torch.Tensor | None = None,
                       uncond: torch.Tensor | None = None, progress: Progress = False) -> list[Image.Image]:
         """Pixel decoder: CLIP features [B, Q, C] -> PIL images.
         noise: [B, 4, H/8, W/8] standard normal before scaling by the scheduler's initial sigma
         (None = drawn from `params.seed` + row, after that seed's DiT noise, as generate_image does).
         uncond: [1 or B, Q, C] null features (None = the cached stage-1 features of " ")."""
-        params = params or ImageParams()
+        params = as_image_params(params)
         self._require_generation()
         height, width = self.image_size(params)
         q, c = self.cfg.n_query, self.cfg.dit.in_channels
@@ -348,7 +350,7 @@ class Engine:
             raise InputError(f"uncond must be [1 or {b}, {q}, {c}], got {list(uncond.shape)}")
         latent_shape = self._latent_shape(height, width)
         if noise is None:  # the seed's stream: DiT noise first, then UNet noise (official order, spec §1.7)
-            noise = self._draw_noise(self._seeds(params, b), [self._dit_noise_shape(), latent_shape])[1]
+            noise = self._draw_noise(params.image_seeds(b), [self._dit_noise_shape(), latent_shape])[1]
         noise = self._check_noise(noise, (b, *latent_shape))
         dtype = self.model.dtype
         pixels = self._t2i_runner().decode(feats.to(self.device, dtype), uncond.to(self.device, dtype).expand(b, -1, -1),
@@ -356,10 +358,10 @@ class Engine:
                                            self._callback(progress, "decoder", params.decoder_steps))
         return [Image.fromarray(p) for p in pixels.cpu().numpy()]
 
-    def uncond_features(self, params: ImageParams | None = None) -> torch.Tensor:
+    def uncond_features(self, params: ImageParamsLike = None) -> torch.Tensor:
         """Stage-1 features of the raw text " " [1, Q, C]: the decoder's CFG null (spec §1.6).
         Computed once per engine and DiT setting, from a fixed seed (0) so results are reproducible."""
-        params = params or ImageParams()
+        params = as_image_params(params)
         self._require_generation()
         key = (params.dit_steps, float(params.dit_guidance))
         if key not in self._uncond_cache:
@@ -370,14 +372,15 @@ class Engine:
 
     # ------------------------------------------------------------------------------ helpers
 
+    def _t2i_prompt(self, prompt: str, image: Any = None) -> PreparedPrompt:
+        """The stage-1 prompt, checked against the context as chat prompts are (the 64 queries follow it)."""
+        prepared = self.prompts.t2i(prompt, image)
+        self._check_context(len(prepared.token_ids) + self.cfg.n_query, f"prompt + {self.cfg.n_query} latent queries")
+        return prepared
+
     def image_size(self, params: ImageParams) -> tuple[int, int]:
-        native = self.cfg.default_image_size
-        height, width = params.height or native, params.width or native
-        # The latent must survive the UNet's (n-1) downsamplings: pixels % (8 * 2^(n-1)) == 0.
-        multiple = self.cfg.vae.scale_factor * 2 ** (len(self.cfg.unet.block_out_channels) - 1)
-        if height % multiple or width % multiple:
-            raise InputError(f"height and width must be multiples of {multiple}, got {height}x{width}")
-        return height, width
+        """(height, width) of a request; InputError unless multiples of `cfg.image_size_step`."""
+        return self.cfg.image_size(params.height, params.width)
 
     def _t2i_runner(self) -> ReferenceT2I:
         """The stage runner of this engine's backend, built on first use (the optimized one
@@ -413,11 +416,6 @@ class Engine:
     def _latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.cfg.vae.scale_factor
         return (self.cfg.unet.in_channels, height // f, width // f)
-
-    @staticmethod
-    def _seeds(params: ImageParams, batch: int) -> list[int]:
-        base = params.seed if params.seed is not None else secrets.randbelow(2**31)
-        return [base + row for row in range(batch)]
 
     def _draw_noise(self, seeds: list[int], shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
         """Standard normal noise per row from a CPU generator seeded with that row's seed (device-

@@ -133,14 +133,15 @@ class LLMEngine:
     # ------------------------------------------------------------------------------ requests
 
     def add_request(self, request_id: str, prompt: PreparedPrompt, params: SamplingParams) -> None:
-        """Queue a request. Raises InputError past the model's context, CapacityError if it could not
-        fit the KV pool even alone, ValueError for an id in use."""
+        """Queue a request. Raises InputError past the model's context or for an id in use,
+        CapacityError if it could not fit the KV pool even alone."""
+        self._check_new_id(request_id)
         n = len(prompt.token_ids)
         if n + params.max_tokens > self.runner.max_model_len:
             raise InputError(f"prompt + max_tokens = {n + params.max_tokens} exceeds the model's context of "
                              f"{self.runner.max_model_len} tokens")
         state = self._new_state(request_id, prompt, params)
-        self.scheduler.add_request(state.request)  # CapacityError / ValueError before anything is kept
+        self.scheduler.add_request(state.request)  # CapacityError before anything is kept
         self._states[request_id] = state
 
     def add_t2i_request(self, request_id: str, prompt: PreparedPrompt) -> None:
@@ -148,6 +149,7 @@ class LLMEngine:
         `[Q, H]` in `hidden_states`. Raises like `add_request`; ConfigError without latent queries."""
         if self.model.queries is None:
             raise ConfigError("this checkpoint has no latent queries: it cannot generate images")
+        self._check_new_id(request_id)
         q = self.model.queries.weight.shape[1]
         n = len(prompt.token_ids) + q
         if n > self.runner.max_model_len:
@@ -156,6 +158,12 @@ class LLMEngine:
         state = self._new_t2i_state(request_id, prompt, q)
         self.scheduler.add_request(state.request)
         self._states[request_id] = state
+
+    def _check_new_id(self, request_id: str) -> None:
+        if not isinstance(request_id, str) or not request_id:
+            raise InputError(f"request_id must be a non-empty string, got {request_id!r}")
+        if request_id in self._states:  # queued or running (finished and aborted ids are free again)
+            raise InputError(f"request id {request_id!r} is already in use")
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its blocks; False if it is unknown or already finished."""
