@@ -14,6 +14,8 @@ _LAZY = {
     "Engine": "blip3o_engine.runtime.engine",
     "SamplingParams": "blip3o_engine.params",
     "ImageParams": "blip3o_engine.params",
+    "MAX_IMAGE_SIDE": "blip3o_engine.params",
+    "MAX_SEED": "blip3o_engine.params",
     "ChatResult": "blip3o_engine.outputs",
     "ImageResult": "blip3o_engine.outputs",
     "ModelConfig": "blip3o_engine.config",
@@ -32,3 +34,8 @@ def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'blip3o_engine' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public names too (they are lazy, so not in the module's namespace until first used)."""
+    return sorted(set(globals()) | set(__all__))
