@@ -27,8 +27,15 @@ def code_blocks(text: str, lang: str) -> list[str]:
 
 @pytest.fixture
 def fresh_dir(tmp_path, tiny_dir, monkeypatch):
+    import torch
+
     monkeypatch.setenv("BLIP3O_ENGINE_CACHE", str(tiny_dir.parent))  # the `tiny` preset is already built
     monkeypatch.chdir(tmp_path)
+    # The examples run the full default step counts. tiny's ops take microseconds, so one thread is
+    # as fast as two on an idle machine and cannot be slowed down by oversubscribed cores (-n 2 on a
+    # shared machine: this test took 640 s with two threads per worker). conftest restores the count.
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what the CLI's default then picks too
     return tmp_path
 
 
