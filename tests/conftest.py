@@ -16,6 +16,15 @@ sys.path.insert(0, str(Path(__file__).parent / "parity"))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """The CLI sets torch's thread count (--threads or its default); tests run it in-process."""
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
 

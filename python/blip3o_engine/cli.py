@@ -17,18 +17,39 @@ RANDOM_BANNER = ("NOTE: model {name!r} is a random-weight preset: images are noi
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny",
                    help="checkpoint directory or preset: tiny (default, random), small, 4b, 8b")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: OMP_NUM_THREADS when set, else the cores this process "
+                        "may use (CPU affinity, cgroup quota) that other work is not keeping busy)")
     p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--backend", default="optimized", choices=["optimized", "reference"])
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the decoder (optimized backend; default: on for CUDA, off for CPU)")
 
 
+def _check_model_args(args):
+    """Validate device, dtype, threads and the model's config before any weights load (seconds for
+    tiny, minutes for 8B); returns the model's ModelConfig and sets torch's thread count."""
+    import torch
+
+    from .config import device_from_name, dtype_from_name, model_config
+    from .errors import InputError
+    from .threads import default_num_threads
+
+    device = device_from_name(args.device)
+    args.dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
+    dtype_from_name(args.dtype)
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    cfg = model_config(args.model)
+    torch.set_num_threads(args.threads or default_num_threads())
+    return cfg
+
+
 def _load_engine(args):
     from .engine import Engine
 
-    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, backend=args.backend,
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
                                     compile=args.compile)
     if engine.is_random_preset:
         print(RANDOM_BANNER.format(name=args.model), file=sys.stderr)
@@ -38,10 +59,12 @@ def _load_engine(args):
 def cmd_generate(args) -> int:
     from PIL import Image
 
-    from .errors import InputError
+    from .errors import ConfigError, InputError
     from .params import ImageParams
+    from .prompts import load_image
 
-    # Bad arguments fail before the model loads and before minutes of denoising.
+    # Every argument and the input image are checked before the model loads and before minutes of
+    # denoising.
     params = ImageParams(height=args.height, width=args.width, dit_steps=args.dit_steps,
                          dit_guidance=args.dit_guidance, decoder_steps=args.steps,
                          decoder_guidance=args.guidance, seed=args.seed)
@@ -54,9 +77,14 @@ def cmd_generate(args) -> int:
         raise InputError(f"cannot create the output folder {out.parent}: {e}") from e
     if not os.access(out.parent, os.W_OK):
         raise InputError(f"output folder {out.parent} is not writable")
+    cfg = _check_model_args(args)
+    if not cfg.can_generate_images:
+        raise ConfigError(f"model {args.model!r} has no DiT/decoder: it can chat but not generate images")
+    cfg.image_size(params.height, params.width)
+    image = load_image(args.image) if args.image is not None else None
     engine = _load_engine(args)
     start = time.perf_counter()
-    result = engine.generate_image(args.prompt, params, image=args.image, progress=True)
+    result = engine.generate_image(args.prompt, params, image=image, progress=True)
     try:
         result.image.save(out)
     except OSError as e:
@@ -68,13 +96,16 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from .params import SamplingParams
+    from .prompts import load_image
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    _check_model_args(args)
+    image = load_image(args.image) if args.image is not None else None  # before the weights load
     engine = _load_engine(args)
     content = [{"type": "text", "text": args.prompt}]
-    if args.image:
-        content.insert(0, {"type": "image", "image": args.image})
+    if image is not None:
+        content.insert(0, {"type": "image", "image": image})
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": content}]
     result = engine.chat(messages, params)
@@ -84,9 +115,13 @@ def cmd_chat(args) -> int:
 
 
 def cmd_make_tiny(args) -> int:
+    from .errors import InputError
     from .tiny import make_tiny_checkpoint
 
-    out = make_tiny_checkpoint(args.dir, preset=args.preset, seed=args.seed)
+    try:  # a bad target path raises InputError up front; this catches what fails mid-write (disk full)
+        out = make_tiny_checkpoint(args.dir, preset=args.preset, seed=args.seed)
+    except OSError as e:
+        raise InputError(f"cannot write the checkpoint to {args.dir}: {e}") from e
     print(f"wrote a random-weight {args.preset!r} checkpoint to {out}")
     return 0
 
@@ -114,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--image", default=None)
     c.add_argument("--system", default=None, help="system prompt (default: Qwen's)")
     c.add_argument("--max-tokens", type=int, default=256)
-    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    c.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (the default here, for reproducible answers; the Python API's "
+                        "SamplingParams defaults to vLLM's 1.0)")
     c.add_argument("--top-p", type=float, default=1.0)
     c.add_argument("--top-k", type=int, default=-1)
     c.add_argument("--repetition-penalty", type=float, default=1.0)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointNotFoundError, ConfigError
+from .errors import CheckpointNotFoundError, ConfigError, InputError
 
 # model_type values a BLIP3-o checkpoint may carry (spec §3): the training class saves
 # "blip3o_qwen", the inference class registers "blip3o_qwen_inference". Plain Qwen2.5-VL
@@ -447,6 +447,24 @@ class ModelConfig:
             raise ConfigError("this model has no pixel decoder")
         return self.unet.sample_size * self.vae.scale_factor
 
+    @property
+    def image_size_step(self) -> int:
+        """Output sides must be multiples of this (32 for the real models): the latent (pixels / VAE
+        scale) must survive the UNet's (n-1) downsamplings."""
+        if self.unet is None or self.vae is None:
+            raise ConfigError("this model has no pixel decoder")
+        return self.vae.scale_factor * 2 ** (len(self.unet.block_out_channels) - 1)
+
+    def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width) in pixels for a request (None = native); InputError off the size step.
+        The upper bound and the types are ImageParams' checks."""
+        native = self.default_image_size
+        height, width = height or native, width or native
+        step = self.image_size_step
+        if height % step or width % step:
+            raise InputError(f"height and width must be multiples of {step}, got {height}x{width}")
+        return height, width
+
     # -------------------------------------------------------------------------------- I/O
 
     def to_hf_dict(self, token_ids: dict[str, int] | None = None) -> dict[str, Any]:
@@ -612,6 +630,44 @@ def preset_config(name: str, vocab_size: int | None = None) -> ModelConfig:
     raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)} or pass a checkpoint path")
 
 
+def model_config(model: str | Path) -> ModelConfig:
+    """The config of what `Engine.from_pretrained(model)` loads, read without its weights (so that a
+    command line checks its arguments in a second, not after minutes of loading): a checkpoint
+    directory's config files, or a preset's (tiny/small write their checkpoint on first use)."""
+    name = str(model)
+    if name.lower() in PRESETS and not Path(name).is_dir():
+        if name.lower() in _REAL:
+            return preset_config(name.lower())
+        from .tiny import preset_checkpoint  # tiny imports this module
+
+        return ModelConfig.from_checkpoint(preset_checkpoint(name.lower()))
+    if not Path(name).is_dir():
+        raise CheckpointNotFoundError(f"{name!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
+    return ModelConfig.from_checkpoint(name)
+
+
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def device_from_name(device: Any):
+    """'cpu' | 'cuda' | 'cuda:N' | torch.device -> torch.device, or ConfigError naming the valid ones."""
+    import torch
+
+    try:
+        dev = torch.device(device.strip().lower() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise ConfigError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {str(device)!r} requested but CUDA is not available")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"device {str(device)!r} does not exist: this machine has cuda:0 .. cuda:{count - 1}")
+    return dev
+
+
 def dtype_from_name(name: str):
     """'float32' | 'fp32' | 'float16' | 'fp16' | 'half' | 'bfloat16' | 'bf16' | torch.dtype -> torch.dtype."""
     import torch
@@ -632,6 +688,7 @@ def dtype_from_name(name: str):
 
 __all__ = [
     "TextConfig", "VisionConfig", "DiTConfig", "UNetConfig", "VAEConfig", "FlowSchedulerConfig",
-    "EulerSchedulerConfig", "ModelConfig", "preset_config", "PRESETS", "dtype_from_name",
+    "EulerSchedulerConfig", "ModelConfig", "preset_config", "model_config", "PRESETS", "DEVICE_TYPES",
+    "device_from_name", "dtype_from_name",
     "lumina_ffn_hidden_size",
 ]

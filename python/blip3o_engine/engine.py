@@ -21,9 +21,6 @@ Memory is planned once at construction (`runtime/memory.py`, `memory_plan()`); c
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import secrets
 import time
 import uuid
 from collections import deque
@@ -33,12 +30,12 @@ from typing import Any
 
 import torch
 
-from .config import PRESETS, ModelConfig, dtype_from_name, preset_config
+from .config import PRESETS, ModelConfig, device_from_name, dtype_from_name, preset_config
 from .engine_config import EngineConfig
 from .errors import CheckpointNotFoundError, ConfigError, InputError
 from .models.blip3o import Blip3oModel, load_model, random_model
 from .outputs import ChatResult, EngineStats, ImageOutput, ImageResult, RequestOutput
-from .params import ImageParams, SamplingParams
+from .params import ImageParams, SamplingParams, as_image_params, as_sampling_params
 from .prompts import PreparedPrompt, PromptBuilder
 from .runtime import memory
 from .runtime.limits import check_context
@@ -50,9 +47,9 @@ BACKENDS = ("reference", "optimized")
 # Progress reporting: True draws tqdm bars; a callable gets (stage, step, total) with stage in
 # {"dit", "decoder"} and step the 0-based index of the step just done.
 Progress = bool | Callable[[str, int, int], None]
-# Largest output side accepted (pixels): the VAE's full-resolution activations grow with the area, and 4096²
-# (16x the native 1024² of the released models) is already ~26 GB in bf16 at batch 1.
-MAX_IMAGE_SIDE = 4096
+# Every `params` argument takes the params object, a dict of its fields, or None (the defaults).
+SamplingParamsLike = SamplingParams | dict[str, Any] | None
+ImageParamsLike = ImageParams | dict[str, Any] | None
 
 
 class Engine:
@@ -105,7 +102,7 @@ class Engine:
         if options:
             config = config.with_overrides(**options)
         torch_dtype = dtype_from_name(dtype)
-        device = _parse_device(device)
+        device = device_from_name(device)
         name = str(model)
         is_preset = name.lower() in PRESETS and not Path(name).is_dir()
         if is_preset and name.lower() not in CHECKPOINT_PRESETS:
@@ -144,22 +141,22 @@ class Engine:
     # ------------------------------------------------------------------------------ request-level interface
 
     def add_request(self, request_id: str, messages: list[dict[str, Any]] | PreparedPrompt,
-                    params: SamplingParams | dict | None = None) -> None:
+                    params: SamplingParamsLike = None) -> None:
         """Queue a chat request (a conversation, or a prompt from `self.prompts.chat`); its outputs come from
         `step()`. Raises InputError for a bad conversation, an id in use, or a request past max_model_len;
         CapacityError if it could never fit the KV pool."""
-        params = _sampling_params(params)
+        params = as_sampling_params(params)
         prompt = messages if isinstance(messages, PreparedPrompt) else self.prompts.chat(messages)
         self._loop.add_chat(ChatRequest(request_id, prompt, params))
 
-    def add_image_request(self, request_id: str, prompt: str, params: ImageParams | dict | None = None,
+    def add_image_request(self, request_id: str, prompt: str, params: ImageParamsLike = None,
                           image: Any = None, preview_every: int = 0) -> int:
         """Queue a text-to-image request (optionally conditioned on `image`); its `ImageOutput`s come from
         `step()`, the last one with the `ImageResult`. Returns the seed it will use (drawn when params.seed is
         None). preview_every: decode the decoder's x0 prediction into `ImageOutput.preview` every that many
         decoder steps (0 = never; each preview costs one VAE decode)."""
-        params = _image_params(params)
-        seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
+        params = as_image_params(params)
+        seed = params.image_seeds(1)[0]
         self._loop.add_image(self._image_job(request_id, self._t2i_prompt(prompt, image), params, seed,
                                              preview_every))
         return seed
@@ -216,11 +213,11 @@ class Engine:
 
     # ------------------------------------------------------------------------------ chat
 
-    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | dict | None = None) -> ChatResult:
-        return self.chat_batch([messages], [_sampling_params(params)])[0]
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParamsLike = None) -> ChatResult:
+        return self.chat_batch([messages], [as_sampling_params(params)])[0]
 
     def chat_batch(self, conversations: list[list[dict[str, Any]]],
-                   params: SamplingParams | dict | list[SamplingParams | dict] | None = None) -> list[ChatResult]:
+                   params: SamplingParamsLike | list[SamplingParamsLike] = None) -> list[ChatResult]:
         """Answer several conversations; results are in input order. Every conversation is validated before
         any work starts, so a bad one fails the call without partial results. They run together, continuously
         batched (the reference backend: one token of each in turn)."""
@@ -229,7 +226,7 @@ class Engine:
         plist = params if isinstance(params, list) else [params] * len(conversations)
         if len(plist) != len(conversations):
             raise InputError(f"{len(conversations)} conversations but {len(plist)} SamplingParams")
-        plist = [_sampling_params(p) for p in plist]
+        plist = [as_sampling_params(p) for p in plist]
         prompts = [self.prompts.chat(m) for m in conversations]
         for prompt, p in zip(prompts, plist):
             self._check_context(len(prompt.token_ids) + p.max_tokens)
@@ -255,9 +252,9 @@ class Engine:
             raise RuntimeError(f"chat request failed: {out.error}")
         return out
 
-    def chat_stream(self, messages: list[dict[str, Any]], params: SamplingParams | dict | None = None) -> Iterator[str]:
+    def chat_stream(self, messages: list[dict[str, Any]], params: SamplingParamsLike = None) -> Iterator[str]:
         """Yield the answer's text in pieces as it is generated; the pieces concatenate to `chat`'s text."""
-        params = _sampling_params(params)
+        params = as_sampling_params(params)
         prompt = self.prompts.chat(messages)
         self._check_context(len(prompt.token_ids) + params.max_tokens)
         rid = self._submit_owned(lambda r: self._loop.add_chat(ChatRequest(r, prompt, params)))
@@ -278,11 +275,11 @@ class Engine:
 
     # ------------------------------------------------------------------------------ text-to-image
 
-    def generate_image(self, prompt: str, params: ImageParams | dict | None = None, image: Any = None,
+    def generate_image(self, prompt: str, params: ImageParamsLike = None, image: Any = None,
                        progress: Progress = False) -> ImageResult:
         return self.generate_images([prompt], params, images=[image], progress=progress)[0]
 
-    def generate_images(self, prompts: list[str], params: ImageParams | dict | None = None,
+    def generate_images(self, prompts: list[str], params: ImageParamsLike = None,
                         images: list[Any] | None = None, progress: Progress = False) -> list[ImageResult]:
         """Text-to-image for each prompt (optionally conditioned on an input image each).
 
@@ -290,15 +287,14 @@ class Engine:
         of them in flight). Image i uses seed `params.seed + i` for its noise, so its result does not depend
         on the batch it ran in. Every prompt and image is validated before any work starts.
         """
-        params = _image_params(params)
+        params = as_image_params(params)
         self._require_generation()
         if isinstance(prompts, str) or not isinstance(prompts, list) or not prompts:
             raise InputError("generate_images expects a non-empty list of prompt strings")
         images = images if images is not None else [None] * len(prompts)
         if len(images) != len(prompts):
             raise InputError(f"{len(prompts)} prompts but {len(images)} images")
-        base = params.seed if params.seed is not None else secrets.randbelow(2**31)
-        _check_seed_range(base + len(prompts) - 1)
+        seeds = params.image_seeds(len(prompts))
         prepared = [self._t2i_prompt(p, img) for p, img in zip(prompts, images)]
         self.uncond_features(params)  # the null features first: their one-off cost is not any image's
         cap = params.max_batch_size or len(prepared)
@@ -311,7 +307,7 @@ class Engine:
                 while todo and len(running) < cap:
                     i, prompt = todo.popleft()
                     rid = self._submit_owned(lambda r: self._loop.add_image(
-                        self._image_job(r, prompt, params, base + i, 0)))
+                        self._image_job(r, prompt, params, seeds[i], 0)))
                     running[rid] = i
                 rid = next(iter(running)) if len(running) == 1 else None
                 self._drive_images(running, results, report, rid)
@@ -344,17 +340,17 @@ class Engine:
         self._require_generation()
         return self._ar.encode_alone(self._t2i_prompt(prompt, image))
 
-    def sample_clip_features(self, cond: torch.Tensor, params: ImageParams | dict | None = None,
+    def sample_clip_features(self, cond: torch.Tensor, params: ImageParamsLike = None,
                              noise: torch.Tensor | None = None, progress: Progress = False) -> torch.Tensor:
         """DiT flow matching: query states [B, Q, H] -> CLIP features [B, Q, C].
         noise: [B, C, S, S] standard normal; None draws it from `params.seed` (+ i for row i)."""
-        params = _image_params(params)
+        params = as_image_params(params)
         self._require_generation()
         if cond.ndim != 3 or cond.shape[1:] != (self.cfg.n_query, self.cfg.text.hidden_size):
             raise InputError(f"cond must be [B, {self.cfg.n_query}, {self.cfg.text.hidden_size}], got {list(cond.shape)}")
         b = cond.shape[0]
         if noise is None:
-            noise = self._draw_noise(self._seeds(params, b), [self._dit_noise_shape()])[0]
+            noise = self._draw_noise(params.image_seeds(b), [self._dit_noise_shape()])[0]
         noise = self._check_noise(noise, (b, *self._dit_noise_shape()))
         report = _progress_reporter(progress)
         try:
@@ -364,7 +360,7 @@ class Engine:
         finally:
             report.close()
 
-    def decode_pixels(self, feats: torch.Tensor, params: ImageParams | dict | None = None,
+    def decode_pixels(self, feats: torch.Tensor, params: ImageParamsLike = None,
                       noise: torch.Tensor | None = None, uncond: torch.Tensor | None = None,
                       progress: Progress = False) -> list:
         """Pixel decoder: CLIP features [B, Q, C] -> PIL images.
@@ -373,7 +369,7 @@ class Engine:
         uncond: [1 or B, Q, C] null features (None = the cached stage-1 features of " ")."""
         from PIL import Image
 
-        params = _image_params(params)
+        params = as_image_params(params)
         self._require_generation()
         height, width = self.image_size(params)
         q, c = self.cfg.n_query, self.cfg.dit.in_channels
@@ -385,7 +381,7 @@ class Engine:
             raise InputError(f"uncond must be [1 or {b}, {q}, {c}], got {list(uncond.shape)}")
         latent_shape = self._latent_shape(height, width)
         if noise is None:  # the seed's stream: DiT noise first, then UNet noise (official order, spec §1.7)
-            noise = self._draw_noise(self._seeds(params, b), [self._dit_noise_shape(), latent_shape])[1]
+            noise = self._draw_noise(params.image_seeds(b), [self._dit_noise_shape(), latent_shape])[1]
         noise = self._check_noise(noise, (b, *latent_shape))
         dtype = self.model.dtype
         report = _progress_reporter(progress)
@@ -413,11 +409,11 @@ class Engine:
                 self._decoder.release(key)
         return self._decoder.latents_to_pixels(latents)
 
-    def uncond_features(self, params: ImageParams | dict | None = None) -> torch.Tensor:
+    def uncond_features(self, params: ImageParamsLike = None) -> torch.Tensor:
         """Stage-1 features of the raw text " " [1, Q, C]: the decoder's CFG null (spec §1.6). Computed once
         per engine and DiT setting, alone (its prefill in its own step, its DiT loop in a batch of one) from a
         fixed seed (0), so they never depend on what else ran."""
-        params = _image_params(params)
+        params = as_image_params(params)
         self._require_generation()
         key = (params.dit_steps, float(params.dit_guidance))
         if key not in self._uncond_cache:
@@ -429,17 +425,10 @@ class Engine:
     # ------------------------------------------------------------------------------ helpers
 
     def image_size(self, params: ImageParams) -> tuple[int, int]:
-        native = self.cfg.default_image_size
-        height, width = params.height or native, params.width or native
-        # The latent must survive the UNet's (n-1) downsamplings: pixels % (8 * 2^(n-1)) == 0.
-        multiple = self.cfg.vae.scale_factor * 2 ** (len(self.cfg.unet.block_out_channels) - 1)
-        if height % multiple or width % multiple:
-            raise InputError(f"height and width must be multiples of {multiple}, got {height}x{width}")
-        if max(height, width) > MAX_IMAGE_SIDE:
-            raise InputError(f"height and width must be at most {MAX_IMAGE_SIDE}, got {height}x{width}")
-        return height, width
+        """(height, width) of a request; InputError unless multiples of `cfg.image_size_step`."""
+        return self.cfg.image_size(params.height, params.width)
 
-    def _t2i_prompt(self, prompt: str, image: Any) -> PreparedPrompt:
+    def _t2i_prompt(self, prompt: str, image: Any = None) -> PreparedPrompt:
         self._require_generation()
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -452,7 +441,6 @@ class Engine:
                    preview_every: int) -> ImageJob:
         self._require_generation()
         height, width = self.image_size(params)
-        _check_seed_range(seed)
         if not isinstance(preview_every, int) or preview_every < 0:
             raise InputError(f"preview_every must be an int >= 0, got {preview_every!r}")
         dit_noise, unet_noise = self._draw_noise([seed], [self._dit_noise_shape(), self._latent_shape(height, width)])
@@ -465,12 +453,6 @@ class Engine:
     def _latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.cfg.vae.scale_factor
         return (self.cfg.unet.in_channels, height // f, width // f)
-
-    @staticmethod
-    def _seeds(params: ImageParams, batch: int) -> list[int]:
-        base = params.seed if params.seed is not None else secrets.randbelow(2**31)
-        _check_seed_range(base + batch - 1)
-        return [base + row for row in range(batch)]
 
     def _draw_noise(self, seeds: list[int], shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
         """Standard normal noise per row from a CPU generator seeded with that row's seed (device-
@@ -491,45 +473,6 @@ class Engine:
 
 # ------------------------------------------------------------------------------------------------
 # Parameters and progress
-
-
-def _parse_device(device: str | torch.device) -> torch.device:
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"unknown device {device!r}; use cpu or cuda[:N]") from e
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"unsupported device {str(device)!r}; use cpu or cuda[:N]")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but CUDA is not available")
-    return device
-
-
-def _from_dict(cls, value, name: str):
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, dict):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise InputError(f"unknown {name} field(s) {unknown}; known: {sorted(known)}")
-        return cls(**value)
-    raise InputError(f"params must be a {name}, a dict of its fields or None, got {type(value).__name__}")
-
-
-def _sampling_params(value) -> SamplingParams:
-    return _from_dict(SamplingParams, value, "SamplingParams")
-
-
-def _image_params(value) -> ImageParams:
-    return _from_dict(ImageParams, value, "ImageParams")
-
-
-def _check_seed_range(seed: int) -> None:
-    if not 0 <= seed < 2**63:
-        raise InputError(f"image seeds (seed + i for image i) must be in [0, 2**63), got {seed}")
 
 
 class _ProgressReporter:
@@ -571,4 +514,4 @@ def _progress_reporter(progress: Progress) -> _ProgressReporter:
     return _ProgressReporter(progress)
 
 
-__all__ = ["BACKENDS", "Engine", "MAX_IMAGE_SIDE", "Progress"]
+__all__ = ["BACKENDS", "Engine", "ImageParamsLike", "Progress", "SamplingParamsLike"]

@@ -59,3 +59,15 @@ class CapacityError(Blip3oError, RuntimeError):
 
 class OverloadedError(Blip3oError, RuntimeError):
     """The engine has as many admitted requests as it accepts (`AsyncEngine`'s max_pending): retry later."""
+
+
+class EngineShutdownError(Blip3oError, RuntimeError):
+    """The engine is shutting down (or shut down) and takes no new requests."""
+
+
+class EngineDeadError(Blip3oError, RuntimeError):
+    """The engine's step loop died; nothing more can run on this engine (a server reports it unhealthy)."""
+
+
+class RequestFailedError(Blip3oError, RuntimeError):
+    """One request's work failed inside the engine (the engine itself goes on serving the others)."""

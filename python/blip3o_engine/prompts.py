@@ -119,6 +119,11 @@ class PromptBuilder:
         self.special = special
         self.merge = merge_size
 
+    def _tokenize(self, text: str) -> list[int]:
+        # verbose=False: no "indexing errors" warning for a text past the tokenizer's model_max_length;
+        # the Engine checks every prompt against the model's context and raises InputError instead.
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
     def _process_images(self, images: list[Image.Image]) -> tuple[torch.Tensor | None, list[tuple[int, int, int]]]:
         if not images:
             return None, []
@@ -131,7 +136,7 @@ class PromptBuilder:
         if msgs[-1]["role"] == "assistant":
             raise InputError("the last message must not be from the assistant (nothing to answer)")
         text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self._tokenize(text)
         pixel_values, grids = self._process_images(images)
         ids = expand_image_pads(ids, grids, self.special.image_pad, self.merge)
         return PreparedPrompt(ids, pixel_values, grids, use_mrope=True)
@@ -151,8 +156,7 @@ class PromptBuilder:
             img = load_image(image).resize((T2I_IMAGE_SIZE, T2I_IMAGE_SIZE), Image.BICUBIC)
             pixel_values, grids = self._process_images([img])
             text = text.replace("<|im_start|>user\n", "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>", 1)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids = expand_image_pads(ids, grids, self.special.image_pad, self.merge)
+        ids = expand_image_pads(self._tokenize(text), grids, self.special.image_pad, self.merge)
         return PreparedPrompt(ids + [self.special.img_start], pixel_values, grids, use_mrope=False)
 
     def t2i_uncond(self) -> PreparedPrompt:

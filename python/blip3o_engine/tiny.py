@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig, VAEConfig, preset_config
+from .errors import InputError
 from .tokenization import build_tiny_tokenizer
 
 CHECKPOINT_PRESETS = ("tiny", "small")  # presets materialized as on-disk checkpoints
@@ -47,11 +48,17 @@ def preset_checkpoint(name: str) -> Path:
 
 
 def make_tiny_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, num_shards: int = 2) -> Path:
-    """Write tokenizer, processor config, config.json, sharded safetensors and diffusion-decoder/."""
-    from .models.blip3o import random_model
+    """Write tokenizer, processor config, config.json, sharded safetensors and diffusion-decoder/.
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    `out_dir` must be new or an empty directory (nothing of the user's is overwritten); a path that is
+    a file, not empty, or not writable raises InputError before anything is written."""
+    from .models.blip3o import random_model
+    from .params import MAX_SEED
+
+    # The weights draw from `seed` and the VAE encoder's from `seed + 1` (torch.Generator's range).
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < MAX_SEED):
+        raise InputError(f"seed must be an int in [0, 2**64 - 2], got {seed!r}")
+    out = _empty_output_dir(Path(out_dir))
     vocab_size = build_tiny_tokenizer(out)
     cfg = preset_config(preset, vocab_size=vocab_size)
     model = random_model(cfg, seed=seed)
@@ -60,6 +67,21 @@ def make_tiny_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 
     _write_json(out / "preprocessor_config.json", _preprocessor_config(preset))
     _save_sharded(_root_state(model), out, num_shards)
     _write_decoder(model, cfg, out / "diffusion-decoder", seed)
+    return out
+
+
+def _empty_output_dir(out: Path) -> Path:
+    """Create `out` (and its parents) or check that it is an empty directory we can write into."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise InputError(f"{out} exists and is not a directory")
+        if out.is_dir() and any(out.iterdir()):
+            raise InputError(f"{out} is not empty: choose a new or empty directory for the checkpoint")
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent that is a file, no permission, read-only file system, ...
+        raise InputError(f"cannot create {out}: {e.strerror or e}") from e
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise InputError(f"{out} is not writable")
     return out
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from blip3o_engine import SamplingParams
-from blip3o_engine.runtime.engine import Engine
+from blip3o_engine.engine import Engine
 from blip3o_engine.runtime.model_runner import RunnerConfig, graph_batch_sizes
 
 pytestmark = pytest.mark.gpu

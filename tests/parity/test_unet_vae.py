@@ -148,10 +148,14 @@ def test_real_unet_param_count() -> None:
 
 
 def test_sdxl_time_ids() -> None:
+    """[orig_h, orig_w, crop_top, crop_left, h, w] with the official pipeline's defaults original_size
+    = [1024, 1024] and crop_info = [0, 0] at every output size (spec §1.6): only the target changes."""
     ids = sdxl_time_ids(1024, 768, 2, torch.bfloat16, crop=(3, 4))
     assert ids.dtype == torch.bfloat16 and ids.shape == (2, 6)
-    assert ids.tolist() == [[1024, 768, 3, 4, 1024, 768]] * 2
+    assert ids.tolist() == [[1024, 1024, 3, 4, 1024, 768]] * 2
     assert sdxl_time_ids(1024, 1024, 1, torch.float32).tolist() == [[1024, 1024, 0, 0, 1024, 1024]]
+    assert sdxl_time_ids(64, 96, 1, torch.float32).tolist() == [[1024, 1024, 0, 0, 64, 96]]
+    assert sdxl_time_ids(64, 96, 1, torch.float32, original_size=(64, 96)).tolist() == [[64, 96, 0, 0, 64, 96]]
 
 
 # ------------------------------------------------------------------------------------------------ VAE

@@ -20,11 +20,13 @@ from blip3o_engine.config import (
     UNetConfig,
     VAEConfig,
     VisionConfig,
+    device_from_name,
     dtype_from_name,
     lumina_ffn_hidden_size,
+    model_config,
     preset_config,
 )
-from blip3o_engine.errors import CheckpointNotFoundError, ConfigError
+from blip3o_engine.errors import CheckpointNotFoundError, ConfigError, InputError
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -289,6 +291,42 @@ def test_dtype_from_name_accepts(name, expected) -> None:
 def test_dtype_from_name_rejects(name) -> None:
     with pytest.raises(ConfigError, match="unsupported dtype"):
         dtype_from_name(name)
+
+
+@pytest.mark.parametrize("name", ["cpu", "CPU", torch.device("cpu")])
+def test_device_from_name_accepts(name) -> None:
+    assert device_from_name(name) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name", ["tpu", "gpu", "cuda:x", "meta", "mps", "", None, 3.5])
+def test_device_from_name_rejects_with_the_valid_devices(name) -> None:
+    with pytest.raises(ConfigError, match="unsupported device .*; use cpu, cuda or cuda:N"):
+        device_from_name(name)
+
+
+def test_cuda_device_checks() -> None:
+    if torch.cuda.is_available():
+        assert device_from_name("cuda").type == "cuda"
+        with pytest.raises(ConfigError, match="does not exist"):
+            device_from_name(f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(ConfigError, match="'cuda:1' requested but CUDA is not available"):
+            device_from_name("cuda:1")
+
+
+def test_model_config_reads_without_weights(tiny_dir, tmp_path) -> None:
+    assert model_config(tiny_dir) == ModelConfig.from_checkpoint(tiny_dir)
+    assert model_config("8B") == preset_config("8b")
+    with pytest.raises(CheckpointNotFoundError, match="neither a checkpoint directory nor a preset"):
+        model_config(tmp_path / "missing")
+
+
+def test_image_size_rule() -> None:
+    cfg = preset_config("8b")
+    assert cfg.image_size_step == 32 and cfg.image_size(None, None) == (1024, 1024)
+    assert cfg.image_size(512, 4096) == (512, 4096)
+    with pytest.raises(InputError, match="multiples of 32, got 1024x1000"):
+        cfg.image_size(None, 1000)
 
 
 # ------------------------------------------------------------------------------------------------

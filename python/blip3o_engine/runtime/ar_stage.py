@@ -134,7 +134,7 @@ class ARStage:
         check_context("prompt + max_tokens", len(prompt.token_ids) + params.max_tokens, self.max_model_len,
                       self.model.cfg.text.max_position_embeddings)
         state = self._new_state(request_id, prompt, params)
-        self.scheduler.add_request(state.request)  # CapacityError / ValueError before anything is kept
+        self.scheduler.add_request(state.request)  # CapacityError before anything is kept
         self._states[request_id] = state
 
     def add_t2i_request(self, request_id: str, prompt: PreparedPrompt) -> None:
