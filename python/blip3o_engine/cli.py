@@ -21,10 +21,41 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: OMP_NUM_THREADS when set, else the cores this process "
                         "may use (CPU affinity, cgroup quota) that other work is not keeping busy)")
-    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--dtype", default=None,
+                   help="float32 | float16 | bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--backend", default="optimized", choices=["optimized", "reference"])
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the decoder (optimized backend; default: on for CUDA, off for CPU)")
+                   help="torch.compile the decoder (= --compile-decoder; default: on for CUDA, off for CPU)")
+    p.add_argument("--print-memory-plan", action="store_true",
+                   help="print the engine's memory plan (weights, KV pool, stage working sets) after loading")
+    add_engine_option_args(p)
+
+
+def add_engine_option_args(p: argparse.ArgumentParser) -> None:
+    """One flag per field of EngineConfig's sections (`--block-size`, `--max-image-batch`, `--no-cuda-graphs`,
+    ...), defaulting to "not given" so that only what the user sets overrides the config's defaults."""
+    from .engine_config import EngineConfig, option_fields
+
+    defaults = EngineConfig()
+    group = p.add_argument_group("engine options (EngineConfig; default values in brackets)")
+    for section, name, f in option_fields():
+        flag = "--" + name.replace("_", "-")
+        default = getattr(getattr(defaults, section), name)
+        help_text = f"{section}.{name} [{default}]"
+        if "bool" in str(f.type):
+            group.add_argument(flag, dest=f"opt_{name}", action=argparse.BooleanOptionalAction, default=None,
+                           help=help_text)
+        elif name == "policy":
+            group.add_argument(flag, dest=f"opt_{name}", choices=["interleave", "serial"], default=None, help=help_text)
+        else:
+            kind = float if ("memory" in name or "utilization" in name) else int
+            group.add_argument(flag, dest=f"opt_{name}", type=kind, default=None, metavar=kind.__name__.upper(),
+                               help=help_text)
+
+
+def engine_options(args) -> dict:
+    """The engine options the user set on the command line ({field: value})."""
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
 
 
 def _check_model_args(args):
@@ -33,6 +64,7 @@ def _check_model_args(args):
     import torch
 
     from .config import device_from_name, dtype_from_name, model_config
+    from .engine_config import EngineConfig
     from .errors import InputError
     from .threads import default_num_threads
 
@@ -42,6 +74,7 @@ def _check_model_args(args):
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be >= 1, got {args.threads}")
     cfg = model_config(args.model)
+    EngineConfig().with_overrides(**engine_options(args))  # a bad option value fails now, not after loading
     torch.set_num_threads(args.threads or default_num_threads())
     return cfg
 
@@ -50,9 +83,11 @@ def _load_engine(args):
     from .engine import Engine
 
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                                    compile=args.compile)
+                                    compile=args.compile, **engine_options(args))
     if engine.is_random_preset:
         print(RANDOM_BANNER.format(name=args.model), file=sys.stderr)
+    if args.print_memory_plan:
+        print(engine.memory_plan().summary(), file=sys.stderr)
     return engine
 
 
