@@ -55,3 +55,8 @@ class InputError(Blip3oError, ValueError):
 
 class CapacityError(Blip3oError, RuntimeError):
     """A request can never fit the engine's configured capacity (e.g. prompt longer than the KV pool)."""
+
+
+class ExportError(Blip3oError):
+    """An exported artifact cannot be written or used: a tampered file (sha256 differs from its manifest),
+    a manifest of another engine or format version, a missing stage, or a missing optional package."""

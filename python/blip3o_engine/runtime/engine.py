@@ -107,6 +107,16 @@ class Engine:
         return engine
 
     @classmethod
+    def from_exported(cls, path: str | Path, runtime: str = "onnxruntime", device: str | torch.device = "cpu",
+                      threads: int | None = None) -> Engine:
+        """An engine over the stages written by `blip3o-engine export` (runtime: onnxruntime, aoti or
+        tensorrt): this class's reference orchestration, each model call an exported graph
+        (`blip3o_engine/export/pipeline.py`)."""
+        from ..export.api import from_exported
+
+        return from_exported(path, runtime=runtime, device=device, threads=threads)
+
+    @classmethod
     def _random_real_shapes(cls, name: str, device: torch.device, dtype: torch.dtype, backend: str,
                             compile: bool | None, runner_config: RunnerConfig | None = None) -> Engine:
         """4b/8b shapes with random weights; text I/O through the tiny tokenizer (benchmarks only)."""
