@@ -26,7 +26,7 @@ from ..errors import ExportError
 from .manifest import FORMATS, GraphEntry, Manifest, config_hash
 from .pipeline import CONFIG_DIR, WEIGHTS_FILE, build_engine
 from .runtimes import RUNTIMES, load_stage
-from .stages import IMAGE_STAGES, STAGES, ExportSettings, StageGraph, build_graphs, torch_dtype_name, trace
+from .stages import IMAGE_STAGES, STAGE_CHOICES, STAGES, ExportSettings, StageGraph, build_graphs, torch_dtype_name, trace
 
 TRITON_T2I_MODEL = "blip3o_t2i"
 
@@ -39,13 +39,15 @@ def _check_stages(engine, stages: list[str] | None) -> list[str]:
     have = available_stages(engine)
     if stages is None:
         return have
-    unknown = [s for s in stages if s not in STAGES]
+    unknown = [s for s in stages if s not in STAGE_CHOICES]
     if unknown:
-        raise ExportError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
-    missing = [s for s in stages if s not in have]
+        raise ExportError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGE_CHOICES)}")
+    missing = [s for s in stages if s in STAGES and s not in have]
     if missing:
         raise ExportError(f"model {engine.name!r} has no {', '.join(missing)} stage (it cannot generate images)")
-    return [s for s in STAGES if s in stages]  # canonical order
+    if "llm" in stages and "llm_prefill" in stages:
+        stages = [s for s in stages if s != "llm_prefill"]
+    return [s for s in STAGE_CHOICES if s in stages]  # canonical order
 
 
 def _prepare_dir(out: Path, overwrite: bool) -> None:

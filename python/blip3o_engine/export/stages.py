@@ -44,6 +44,8 @@ from ..models.unet import sdxl_time_ids
 
 STAGES = ("vit", "llm", "dit", "unet", "vae")
 IMAGE_STAGES = ("dit", "unet", "vae")
+# "llm_prefill": the LLM's prefill graph alone, all that text-to-image needs (no decode graph).
+STAGE_CHOICES = (*STAGES, "llm_prefill")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -463,12 +465,12 @@ def build_graphs(model, stages: list[str], settings: ExportSettings, dtype: torc
             graphs.append(vae_graph(model, settings, dtype, device))
         elif stage == "dit":
             graphs += dit_graphs(model, settings, dtype, device)
-        elif stage == "llm":
-            graphs += llm_graphs(model, settings, dtype, device)
+        elif stage in ("llm", "llm_prefill"):
+            graphs += llm_graphs(model, settings, dtype, device)[: 1 if stage == "llm_prefill" else 2]
         elif stage == "vit":
             graphs += vit_graphs(model, settings, dtype, device)
         else:
-            raise ExportError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
+            raise ExportError(f"unknown stage {stage!r}; choose from {', '.join(STAGE_CHOICES)}")
     return graphs
 
 
@@ -491,5 +493,5 @@ def trace(graph: StageGraph) -> torch.export.ExportedProgram:
             raise ExportError(f"torch.export of graph {graph.name!r} failed: {str(e)[:2000]}") from e
 
 
-__all__ = ["STAGES", "IMAGE_STAGES", "Axis", "IOSpec", "StageGraph", "ExportSettings", "build_graphs", "trace",
+__all__ = ["STAGES", "STAGE_CHOICES", "IMAGE_STAGES", "Axis", "IOSpec", "StageGraph", "ExportSettings", "build_graphs", "trace",
            "dim_value", "shape_of", "vit_graph_name", "default_vit_grid", "latent_multiple"]
