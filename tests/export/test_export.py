@@ -110,6 +110,20 @@ def test_manifest_records_versions_hashes_io_and_profiles(triton_repo, tiny_engi
     assert every_file <= set(raw["files"]) and "blip3o_t2i/1/weights.safetensors" in raw["files"]
 
 
+def test_external_data_file_is_written_checked_and_loadable(graphs, tmp_path):
+    # Real exports switch to external data past 2 GB; force it on a small graph to test that path.
+    from blip3o_engine.export.manifest import GraphEntry
+    from blip3o_engine.export.onnx import write_onnx
+    from blip3o_engine.export.stages import trace
+
+    graph = graphs["dit_caption"]
+    files = write_onnx(graph, trace(graph), tmp_path / "dit_caption.onnx", external_data=True)
+    assert [f.name for f in files] == ["dit_caption.onnx", "dit_caption.onnx.data"]
+    assert files[1].stat().st_size > files[0].stat().st_size  # the weights are in the data file
+    entry = GraphEntry.from_graph(graph, {"onnx": "dit_caption.onnx"}, [f.name for f in files])
+    assert_stage_matches(graph, load_stage(tmp_path, entry, "onnxruntime", torch.device("cpu")), CASES["dit_caption"])
+
+
 # ------------------------------------------------------------------------------------------------
 # Stages under onnxruntime (CPU)
 
@@ -147,7 +161,11 @@ def test_from_exported_onnxruntime_greedy_chat_identical(ort_engine, tiny_engine
     for messages in ([{"role": "user", "content": "Hello, what is in the picture?"}],
                      [{"role": "user", "content": [{"type": "image", "image": picture},
                                                    {"type": "text", "text": "Describe it."}]}]):
-        assert ort_engine.chat(messages, params).token_ids == tiny_engine.chat(messages, params).token_ids
+        result = ort_engine.chat(messages, params)
+        assert result.token_ids == tiny_engine.chat(messages, params).token_ids
+    assert "".join(ort_engine.chat_stream(messages, params)) == result.text
+    with pytest.raises(ExportError, match="add_request/step need the paged-KV engine"):
+        ort_engine.add_request("r1", messages, params)
 
 
 def test_vit_grid_that_was_not_exported_is_a_clear_error(ort_engine):

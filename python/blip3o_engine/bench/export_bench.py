@@ -43,7 +43,8 @@ def graph_cost(graph: StageGraph, engine: Engine, values: dict[str, int], bpp: f
                                bytes_per_param=bpp)
     if graph.name == "vae":
         return costs.vae_decode(cfg.vae, values["batch"], values["height"], values["width"], bytes_per_param=bpp)
-    if graph.name == "dit":  # the step graph projects the cross K/V itself: all but the caption projection
+    if graph.name == "dit":  # the step graph projects the cross K/V itself; the floor also counts the
+        # caption projection (dit_caption's two linears), a few % of a step: a slightly generous floor
         return costs.dit_step(cfg.dit, values["batch"], hoisted=False, bytes_per_param=bpp)
     if graph.name == "llm_prefill":
         return costs.llm_prefill(cfg.text, values["sequence_length"], values["batch_size"], logits_tokens=1,

@@ -35,8 +35,10 @@ def require_onnx() -> None:
         raise ExportError(f"ONNX export needs the packages {', '.join(missing)}: pip install 'blip3o-engine[export]'")
 
 
-def write_onnx(graph: StageGraph, program: torch.export.ExportedProgram, path: Path, opset: int = DEFAULT_OPSET) -> list[Path]:
-    """Export `program` to `path` (+ external data when large); returns the files written."""
+def write_onnx(graph: StageGraph, program: torch.export.ExportedProgram, path: Path, opset: int = DEFAULT_OPSET,
+               external_data: bool | None = None) -> list[Path]:
+    """Export `program` to `path`; the weights go to `<path>.data` when `external_data`, or (None) when
+    the model passes the 2 GB protobuf limit. Returns the files written."""
     require_onnx()
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: the exported graphs need opset >= {MIN_OPSET}")
@@ -48,7 +50,7 @@ def write_onnx(graph: StageGraph, program: torch.export.ExportedProgram, path: P
                                              output_names=[s.name for s in graph.outputs], verbose=False)
         except Exception as e:
             raise ExportError(f"ONNX export of graph {graph.name!r} failed: {str(e)[:2000]}") from e
-        onnx_program.save(str(path), external_data=None)  # None: external data only past the 2 GB limit
+        onnx_program.save(str(path), external_data=external_data)
     name_dynamic_dims(path, graph.inputs, graph.outputs)
     check_onnx(path)
     data = path.with_name(path.name + ".data")

@@ -24,6 +24,7 @@ from ..config import ModelConfig, TextConfig
 from ..errors import ExportError
 from ..models.qwen2_5_vl import KVCache
 from ..models.vae import to_uint8
+from ..runtime.engine import Engine
 from .manifest import Manifest, config_hash
 from .runtimes import StageFn
 from .stages import torch_dtype, vit_graph_name
@@ -179,6 +180,17 @@ class ExportedModel:
         self.vae = ExportedVAE(fns) if generates else None
 
 
+class ExportedEngine(Engine):
+    """`Engine` over exported graphs: chat, chat_batch, chat_stream, generate_image(s) and the stage methods.
+    The request-level API (add_request / step) runs the paged-KV engine over the model's weights, which an
+    export does not have."""
+
+    @property
+    def llm_engine(self):
+        raise ExportError("add_request/step need the paged-KV engine over the model's weights; an exported "
+                          "model answers through chat(), chat_batch() and chat_stream()")
+
+
 def load_config(root: Path, manifest: Manifest) -> ModelConfig:
     cfg = ModelConfig.from_checkpoint(root / manifest.assets["config"])
     cfg = dataclasses.replace(cfg, name=manifest.model_name)
@@ -192,7 +204,6 @@ def build_engine(root: str | Path, manifest: Manifest, fns: Mapping[str, StageFn
     """An `Engine` (reference backend: the engine's own orchestration) over the exported stages `fns`."""
     from safetensors.torch import load_file
 
-    from ..runtime.engine import Engine
     from ..tokenization import load_image_processor, load_tokenizer
 
     root = Path(root)
@@ -201,9 +212,8 @@ def build_engine(root: str | Path, manifest: Manifest, fns: Mapping[str, StageFn
     weights = {k: v.to(device) for k, v in load_file(str(root / manifest.assets["weights"])).items()}
     model = ExportedModel(cfg, weights, fns, device, dtype)
     config_dir = root / manifest.assets["config"]
-    engine = Engine(model, load_tokenizer(config_dir), load_image_processor(config_dir), backend="reference",
-                    name=manifest.model_name)
-    return engine
+    return ExportedEngine(model, load_tokenizer(config_dir), load_image_processor(config_dir), backend="reference",
+                          name=manifest.model_name)
 
 
-__all__ = ["ExportedModel", "build_engine", "load_config", "WEIGHTS_FILE", "CONFIG_DIR"]
+__all__ = ["ExportedModel", "ExportedEngine", "build_engine", "load_config", "WEIGHTS_FILE", "CONFIG_DIR"]

@@ -43,6 +43,9 @@ class OnnxRuntimeStage:
             providers = ["CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only
+        # Idle intra-op threads sleep instead of spinning: the engine interleaves torch work (samplers,
+        # embeddings) between graph calls, and spinning threads would compete with it for the cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         self.entry = entry
