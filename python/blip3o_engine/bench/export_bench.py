@@ -94,7 +94,7 @@ def run_export(w: Workload, engine: Engine, timer: Timer, export_dir: str | None
             expected = graph.module(*args)
         expected = expected if isinstance(expected, tuple) else (expected,)
         cost = graph_cost(graph, engine, values, w.bpp)
-        shape = ", ".join(f"{k}={v}" for k, v in values.items())
+        shape = "axes=" + ",".join(f"{k}:{v}" for k, v in values.items())
         stage_results = []
         for backend in (REFERENCE, *FORMATS):
             if backend == REFERENCE:
