@@ -4,7 +4,7 @@ Tolerances: the exported graphs compute the same fp32 expressions as the modules
 inductor reorder floating-point sums (fused GEMM/conv blocking, fused norms) and fold constants, so
 each output differs from the module's by accumulated rounding: ~1e-7..1e-5 relative to its largest
 magnitude on these tiny random models. The per-stage checks allow 1e-4 of that magnitude (an error in
-an op gives O(1) differences); whole images, 2 uint8 levels (what the issue asks; measured: <= 1).
+an op gives O(1) differences); whole images, 2 uint8 levels (the bar the project set; onnxruntime measured <= 1).
 """
 
 from __future__ import annotations
@@ -137,12 +137,18 @@ def test_onnxruntime_stage_matches_module(name, triton_repo, graphs):
 
 
 @pytest.fixture(scope="module")
+def reference_image(tiny_engine):
+    """The in-process engine's image for the prompt and seed of `image_array` (shared by three tests)."""
+    return image_array(tiny_engine)
+
+
+@pytest.fixture(scope="module")
 def ort_engine(triton_repo):
     return b3.Engine.from_exported(triton_repo, runtime="onnxruntime")
 
 
-def test_from_exported_onnxruntime_image_matches_engine(ort_engine, tiny_engine):
-    diff = np.abs(image_array(ort_engine) - image_array(tiny_engine)).max()
+def test_from_exported_onnxruntime_image_matches_engine(ort_engine, reference_image):
+    diff = np.abs(image_array(ort_engine) - reference_image).max()
     assert diff <= 2
 
 
@@ -287,7 +293,7 @@ def test_triton_configs_parse_and_agree_with_the_onnx_files(triton_repo):
         triton_repo / "blip3o_t2i" / "1" / "model.py").read_text()
 
 
-def test_triton_python_model_logic_over_onnxruntime_stages(triton_repo, tiny_engine):
+def test_triton_python_model_logic_over_onnxruntime_stages(triton_repo, reference_image):
     from blip3o_engine.export.api import load_stages
     from blip3o_engine.export.triton_server import T2IService
 
@@ -295,7 +301,7 @@ def test_triton_python_model_logic_over_onnxruntime_stages(triton_repo, tiny_eng
     service = T2IService(triton_repo, fns, manifest=manifest)
     image = service.generate("a red apple on a wooden table", seed=7, **FAST_IMAGE)
     assert image.dtype == np.uint8 and image.shape == (64, 64, 3)
-    assert np.abs(image.astype(int) - image_array(tiny_engine)).max() <= 2
+    assert np.abs(image.astype(int) - reference_image).max() <= 2
     with pytest.raises(b3.InputError):
         service.generate("")
 
@@ -311,9 +317,9 @@ def test_aoti_stage_matches_module(name, aoti_export, graphs):
     assert_stage_matches(graphs[name], runner, CASES[name])
 
 
-def test_from_exported_aoti_image_matches_engine(aoti_export, tiny_engine):
+def test_from_exported_aoti_image_matches_engine(aoti_export, reference_image):
     engine = b3.Engine.from_exported(aoti_export, runtime="aoti")
-    assert np.abs(image_array(engine) - image_array(tiny_engine)).max() <= 2
+    assert np.abs(image_array(engine) - reference_image).max() <= 2
     with pytest.raises(ExportError, match="llm_decode"):  # only the prefill was exported: no chat
         engine.chat([{"role": "user", "content": "Hi"}], b3.SamplingParams(max_tokens=3))
 
