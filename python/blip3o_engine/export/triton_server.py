@@ -147,11 +147,16 @@ class BLSStage:
     def __init__(self, entry: GraphEntry, pb_utils):
         self.entry = entry
         self.pb = pb_utils
+        self.batched = batches_first(entry)
+
+    def _array(self, spec: IOSpec, tensor: torch.Tensor) -> np.ndarray:
+        array = tensor.detach().to("cpu", torch_dtype(spec.dtype)).contiguous().numpy()
+        # A per-row scalar of a batched model is declared dims [1] + reshape [] (`_tensor_block`): send [B, 1].
+        return array.reshape(-1, 1) if self.batched and len(spec.shape) == 1 else array
 
     def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         pb = self.pb
-        inputs = [pb.Tensor(s.name, feeds[s.name].detach().to("cpu", torch_dtype(s.dtype)).contiguous().numpy())
-                  for s in self.entry.inputs]
+        inputs = [pb.Tensor(s.name, self._array(s, feeds[s.name])) for s in self.entry.inputs]
         request = pb.InferenceRequest(model_name=self.entry.name, inputs=inputs,
                                       requested_output_names=[s.name for s in self.entry.outputs])
         response = request.exec()
