@@ -33,7 +33,7 @@ _LAZY = {
 _ERRORS = ("Blip3oError", "ConfigError", "CheckpointError", "CheckpointNotFoundError", "MissingKeyError",
            "UnexpectedKeyError", "ShapeMismatchError", "CorruptCheckpointError", "UnsupportedDTypeError",
            "InputError", "CapacityError", "OverloadedError", "EngineShutdownError", "EngineDeadError",
-           "RequestFailedError")
+           "RequestFailedError", "ExportError")
 _LAZY.update({name: "blip3o_engine.errors" for name in _ERRORS})
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -15,8 +15,8 @@ Limits and failures:
 - at most `max_pending` requests are admitted at once; one more raises `OverloadedError`;
 - cancelling the task that consumes a request (a client that disconnects) aborts the request and frees
   everything it holds;
-- an error inside one request's work fails that request only (its consumer gets `RequestFailedError`), and
-  the loop goes on; if the loop itself dies, every consumer gets `EngineDeadError` and so does every later
+- an error inside one request's work fails that request only (its consumer gets that error when it is one of
+  the package's typed errors, else `RequestFailedError` from it), and the loop goes on; if the loop itself dies, every consumer gets `EngineDeadError` and so does every later
   call (`is_dead` tells a health check);
 - `shutdown(drain_timeout_s)` refuses new work (`EngineShutdownError`), lets running requests finish for up
   to the timeout, aborts the rest, and stops the thread.
@@ -35,7 +35,7 @@ from typing import Any
 
 from .engine import Engine, ImageParamsLike, SamplingParamsLike
 from .errors import EngineDeadError, EngineShutdownError, InputError, OverloadedError, RequestFailedError
-from .outputs import ChatResult, EngineStats, ImageOutput, ImageResult, RequestOutput
+from .outputs import ChatResult, EngineStats, ImageOutput, ImageResult, RequestOutput, raise_failure
 
 log = logging.getLogger("blip3o_engine.async")
 
@@ -183,10 +183,9 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     stream.finished = True  # ended by the engine side: nothing left to abort
                     raise item
-                failed = getattr(item, "error", None)
-                if failed is not None:
+                if item.error is not None:
                     stream.finished = True
-                    raise RequestFailedError(f"request {stream.request_id} failed: {failed}")
+                    raise_failure(item)
                 yield item
                 if item.finished:
                     stream.finished = True

@@ -1,4 +1,4 @@
-"""`blip3o-engine` command line: generate, chat, make-tiny, bench."""
+"""`blip3o-engine` command line: generate, chat, make-tiny, export, bench."""
 
 from __future__ import annotations
 
@@ -161,6 +161,43 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def _sizes(text: str) -> list[tuple[int, ...]]:
+    """"1024x1024,512x768" -> [(1024, 1024), (512, 768)]; also t x h x w grids."""
+    out = []
+    for item in text.split(","):
+        try:
+            out.append(tuple(int(v) for v in item.strip().lower().split("x")))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected sizes like 1024x1024, got {item!r}") from e
+    return out
+
+
+def cmd_export(args) -> int:
+    from .export.api import export
+    from .export.stages import STAGE_CHOICES
+    from .engine import Engine
+
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    bad = [s for s in stages or () if s not in STAGE_CHOICES]
+    if bad:  # before loading the model
+        from .errors import ExportError
+
+        raise ExportError(f"unknown stage(s) {', '.join(bad)}; choose from {', '.join(STAGE_CHOICES)}")
+    uses_trt = args.format == "tensorrt" or args.triton_platform == "tensorrt_plan"
+    # The graphs are traced in the export dtype (TensorRT: fp32 ONNX + a precision flag).
+    load_dtype = "float32" if uses_trt or args.dtype is None else args.dtype
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=load_dtype)
+    start = time.perf_counter()
+    manifest = export(engine, args.output, format=args.format, stages=stages, dtype=args.dtype,
+                      max_batch=args.max_batch, sizes=args.sizes, max_seq_len=args.max_seq_len,
+                      vit_grids=args.vit_grids, opset=args.opset, overwrite=args.overwrite,
+                      triton_platform=args.triton_platform, trt_optimization_level=args.trt_opt_level)
+    size = sum((Path(args.output) / f).stat().st_size for f in manifest.files)
+    print(f"wrote {len(manifest.graphs)} graphs ({', '.join(manifest.graphs)}) to {args.output} "
+          f"({size / 2**20:.1f} MiB, {args.format}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip3o-engine", description="BLIP3-o inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +236,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", default="tiny", choices=["tiny", "small"])
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_make_tiny)
+
+    e = sub.add_parser("export", help="export the stages: ONNX, AOTInductor, TensorRT or a Triton repository",
+                       description="Export the model's stages ahead of time; load them back with "
+                                   "Engine.from_exported(DIR, runtime=...).")
+    e.add_argument("--format", required=True, choices=["onnx", "aoti", "tensorrt", "triton"])
+    e.add_argument("-o", "--output", required=True, help="output directory (created; must be empty unless --overwrite)")
+    e.add_argument("--stages", default=None,
+                   help="comma-separated: vit,llm,dit,unet,vae (default: all the model has); llm_prefill = "
+                        "the LLM's prefill graph only (enough for text-to-image)")
+    e.add_argument("--max-batch", type=int, default=4, help="images / sequences per call in the profiles (default 4)")
+    e.add_argument("--sizes", type=_sizes, default=None,
+                   help="image sizes HxW in pixels for the profiles, first = opt (default: the native size)")
+    e.add_argument("--max-seq-len", type=int, default=2048, help="longest LLM sequence in the profiles (default 2048)")
+    e.add_argument("--vit-grids", type=_sizes, default=None,
+                   help="ViT graphs for these image grids TxHxW in patches (default: 1x32x32, a 448x448 image)")
+    e.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
+    e.add_argument("--triton-platform", default="onnxruntime_onnx", choices=["onnxruntime_onnx", "tensorrt_plan"])
+    e.add_argument("--trt-opt-level", type=int, default=3, help="TensorRT builder optimization level (0-5)")
+    e.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output directory")
+    e.add_argument("--model", default="tiny", help="checkpoint directory or preset (default: tiny)")
+    e.add_argument("--device", default="cpu", help="device to trace on (AOTInductor compiles for it)")
+    e.add_argument("--dtype", default=None,
+                   help="graph dtype (default: float32 on CPU; TensorRT: the precision flag, default float16)")
+    e.set_defaults(func=cmd_export)
 
     from .bench.cli import add_bench_parser  # argparse only; the benchmark code loads when run
 

@@ -34,7 +34,7 @@ from .config import PRESETS, ModelConfig, device_from_name, dtype_from_name, pre
 from .engine_config import EngineConfig
 from .errors import CheckpointNotFoundError, ConfigError, InputError
 from .models.blip3o import Blip3oModel, load_model, random_model
-from .outputs import ChatResult, EngineStats, ImageOutput, ImageResult, RequestOutput
+from .outputs import ChatResult, EngineStats, ImageOutput, ImageResult, RequestOutput, raise_failure
 from .params import ImageParams, SamplingParams, as_image_params, as_sampling_params
 from .prompts import PreparedPrompt, PromptBuilder
 from .runtime import memory
@@ -119,6 +119,16 @@ class Engine:
         engine = cls(weights, tokenizer, processor, backend, name=name, config=config, compile=compile)
         engine.is_random_preset = is_preset
         return engine
+
+    @classmethod
+    def from_exported(cls, path: str | Path, runtime: str = "onnxruntime", device: str | torch.device = "cpu",
+                      threads: int | None = None) -> Engine:
+        """An engine over the stages written by `blip3o-engine export` (runtime: onnxruntime, aoti or tensorrt):
+        the reference backend's stages and samplers, each model call an exported graph
+        (`blip3o_engine/export/pipeline.py`)."""
+        from .export.api import from_exported
+
+        return from_exported(path, runtime=runtime, device=device, threads=threads)
 
     @property
     def device(self) -> torch.device:
@@ -249,7 +259,7 @@ class Engine:
         while not out.finished:
             out = self._next_owned(rid)
         if out.error is not None:
-            raise RuntimeError(f"chat request failed: {out.error}")
+            raise_failure(out)
         return out
 
     def chat_stream(self, messages: list[dict[str, Any]], params: SamplingParamsLike = None) -> Iterator[str]:
@@ -262,7 +272,7 @@ class Engine:
             while True:
                 out = self._next_owned(rid)
                 if out.error is not None:
-                    raise RuntimeError(f"chat request failed: {out.error}")
+                    raise_failure(out)
                 if out.text_delta:
                     yield out.text_delta
                 if out.finished:
@@ -329,7 +339,7 @@ class Engine:
                     report(out)
                 if out.finished:
                     if out.error is not None:
-                        raise RuntimeError(f"image request failed in stage {out.stage}: {out.error}")
+                        raise_failure(out)
                     results[running.pop(rid)] = out.result
                     del self._owned[rid]
                     break

@@ -71,3 +71,8 @@ class EngineDeadError(Blip3oError, RuntimeError):
 
 class RequestFailedError(Blip3oError, RuntimeError):
     """One request's work failed inside the engine (the engine itself goes on serving the others)."""
+
+
+class ExportError(Blip3oError):
+    """An exported artifact cannot be written or used: a tampered file (sha256 differs from its manifest),
+    a manifest of another engine or format version, a missing stage, or a missing optional package."""

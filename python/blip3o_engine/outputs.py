@@ -40,6 +40,7 @@ class RequestOutput:
     text: str = ""  # the text so far (the final text once finished)
     prompt_tokens: int = 0
     error: str | None = None  # set (with finished=True, finish_reason "error") when this request's work failed
+    exception: BaseException | None = field(default=None, repr=False, compare=False)  # the failure itself
     # Internal to the step loop: a T2I prefill's post-final-norm query states [Q, H]; never handed to users.
     hidden_states: torch.Tensor | None = None
 
@@ -62,6 +63,7 @@ class ImageOutput:
     result: ImageResult | None = None
     error: str | None = None
     preview: Image.Image | None = None
+    exception: BaseException | None = field(default=None, repr=False, compare=False)  # the failure itself
 
 
 @dataclass
@@ -83,3 +85,14 @@ class EngineStats:
     @property
     def num_unfinished(self) -> int:
         return self.chat_running + self.chat_waiting + self.image_running + self.image_waiting
+
+
+def raise_failure(out: RequestOutput | ImageOutput) -> None:
+    """Raise what made a request fail: its own typed error (InputError, CapacityError, ExportError, ...) as is,
+    anything else as RequestFailedError (from it)."""
+    from .errors import Blip3oError, RequestFailedError
+
+    if isinstance(out.exception, Blip3oError):
+        raise out.exception
+    stage = f" in stage {out.stage}" if isinstance(out, ImageOutput) else ""
+    raise RequestFailedError(f"request {out.request_id} failed{stage}: {out.error}") from out.exception

@@ -72,6 +72,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the optimized decoder (default: on for CUDA, off for CPU); the first "
                         "(warm-up) run's time, which includes compiling, is reported as cold_ms")
+    p.add_argument("--export-dir", default=None,
+                   help="export mode: directory for the ONNX/AOTInductor exports (reused when present; "
+                        "default: a temporary directory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--csv", default=None, help="append rows to this CSV file")
@@ -116,7 +119,8 @@ def run_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(batches=batches, image_batches=args.image_batch, dit_steps=args.dit_steps,
                              decoder_steps=args.steps,
                              gen_tokens=args.gen_tokens, prompt_tokens=args.prompt_tokens,
-                             t2i_tokens=args.t2i_tokens, seed=args.seed, only=args.only, policy=policy)
+                             t2i_tokens=args.t2i_tokens, seed=args.seed, only=args.only, policy=policy,
+                             export_dir=args.export_dir)
     modes = list(ALL_ORDER) if args.mode == "all" else [args.mode]
     date, load = utc_now(), host_load()
     print(f"loading {args.model} on {device} ...", file=sys.stderr, flush=True)

@@ -103,7 +103,10 @@ def cpu_available_bytes() -> int:
 
 
 def weights_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the module's parameters and buffers, shared storages counted once."""
+    """Bytes of the module's parameters and buffers, shared storages counted once (0 for a model facade that
+    is not a module, e.g. exported graphs)."""
+    if not isinstance(module, torch.nn.Module):
+        return 0
     seen: set[int] = set()
     total = 0
     for t in list(module.parameters()) + list(module.buffers()):

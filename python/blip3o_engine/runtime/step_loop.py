@@ -317,7 +317,7 @@ class StepLoop:
         message = f"{type(error).__name__}: {error}"
         if self.chats.pop(request_id, None) is not None:
             self.ar.abort(request_id)
-            outputs.append(RequestOutput(request_id, [], "", True, "error", error=message))
+            outputs.append(RequestOutput(request_id, [], "", True, "error", error=message, exception=error))
             return
         job = self.images.pop(request_id, None)
         if job is not None:
@@ -327,7 +327,7 @@ class StepLoop:
                 self.ar.abort(request_id)
             elif stage == "decoder":
                 self.decoder.release(request_id)
-            outputs.append(ImageOutput(request_id, stage, 0, 0, finished=True, error=message))
+            outputs.append(ImageOutput(request_id, stage, 0, 0, finished=True, error=message, exception=error))
 
 
 __all__ = ["ChatRequest", "ImageJob", "Output", "StepLoop"]
