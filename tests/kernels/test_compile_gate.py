@@ -45,8 +45,9 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
     names = {name for name, _ in compiled}
     assert {name.split("[")[0] for name in names} >= EXPECTED_KERNELS
     assert compiled == {(name, cap) for name in names for cap in GATE_CAPABILITIES}
-    # Budget: ~50 compiles at 0.1-1 s each, plus importing triton; the gate must stay cheap for CI.
-    assert result["seconds"] < 60, f"compile gate took {result['seconds']:.1f} s"
+    # Budget: the gate must stay cheap for CI (0.1-2 s per compile on 2 cores, ~50 s for 48 compiles when
+    # the machine is idle). Counted, not timed: a timed assertion fails on a loaded machine, not on a change.
+    assert len(result["rows"]) <= 60, f"{len(result['rows'])} compiles: keep the gate's specs few"
 
 
 def test_a_kernel_without_spec_fails_the_gate():

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -54,9 +53,7 @@ def test_the_gate_builds_what_a100_and_h100_load():
 def test_every_cu_file_compiles_for_the_gate_archs():
     version = _nvrtc_or_skip()
     assert version[0] == 13, f"NVRTC {version}: the GPU driver is CUDA 13.0, pin nvidia-cuda-nvrtc==13.0.*"
-    start = time.perf_counter()
     rows = nvrtc.compile_all()
-    seconds = time.perf_counter() - start
     files = {p.name for p in nvrtc.cuda_sources()}
     assert files >= set(ENTRIES), "a known .cu file is missing from kernels/cuda"
     assert {(name, arch) for name, arch, _, _ in rows} == {(f, a) for f in files for a in nvrtc.gate_archs()}
@@ -64,8 +61,7 @@ def test_every_cu_file_compiles_for_the_gate_archs():
         assert image[:4] == b"\x7fELF", f"{name} {arch}: not a cubin"
         for entry in ENTRIES.get(name, ()):  # extern "C" names stay unmangled in the symbol table
             assert entry.encode() in image, f"{name} {arch}: entry {entry} missing"
-    # Budget: ~2 s per (file, arch) on a 2-core machine; the gate must stay cheap for CI.
-    assert seconds < 60, f"compile gate took {seconds:.1f} s"
+    # No timed budget (it would fail on a loaded machine, not on a change): ~2 s per (file, arch) on 2 cores.
 
 
 @pytest.mark.parametrize("capability", nvrtc.GATE_CAPABILITIES)
