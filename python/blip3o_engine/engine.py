@@ -451,6 +451,7 @@ class Engine:
                    preview_every: int) -> ImageJob:
         self._require_generation()
         height, width = self.image_size(params)
+        self._plan.check_image_size(height, width)
         if not isinstance(preview_every, int) or preview_every < 0:
             raise InputError(f"preview_every must be an int >= 0, got {preview_every!r}")
         dit_noise, unet_noise = self._draw_noise([seed], [self._dit_noise_shape(), self._latent_shape(height, width)])
