@@ -17,6 +17,16 @@ pytest.importorskip("fastapi")  # the [serve] extra
 from _serve_util import API_KEY, ServerProcess, wait_idle  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread(_keep_torch_threads):
+    """The in-process oracle engine runs next to a server subprocess on a small, shared machine: one thread each
+    keeps them from descheduling each other's threads (tiny's ops take microseconds; see README, --threads).
+    The root conftest restores the count after the test."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def media_dir(tmp_path_factory) -> Path:
     """The server's --allowed-local-media-path."""
