@@ -2,7 +2,7 @@
 
 `ModelConfig` is built either from a checkpoint directory (`ModelConfig.from_checkpoint`: the
 Qwen2.5-VL `config.json` plus the diffusers configs under `diffusion-decoder/`) or from a preset
-(`preset_config("tiny" | "small" | "4b" | "8b")`). Shapes follow spec §1.4 (DiT), §1.6 (decoder)
+(`preset_config("tiny" | "small" | "4b" | "8b")`). Shapes follow docs/model_spec.md §1.4 (DiT), §1.6 (decoder)
 and §2 (Qwen2.5-VL). Nothing here touches tensors; derived runtime values (KV pool size, ...) live
 elsewhere.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import CheckpointNotFoundError, ConfigError, InputError
 
-# model_type values a BLIP3-o checkpoint may carry (spec §3): the training class saves
+# model_type values a BLIP3-o checkpoint may carry (docs/model_spec.md §3): the training class saves
 # "blip3o_qwen", the inference class registers "blip3o_qwen_inference". Plain Qwen2.5-VL
 # checkpoints load too (chat only: they have no latent queries / DiT).
 BLIP3O_MODEL_TYPES = ("blip3o_qwen", "blip3o_qwen_inference")
@@ -69,7 +69,7 @@ def _same_value(value: Any, accepted: tuple[Any, ...]) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
-# Qwen2.5-VL language model (spec §2)
+# Qwen2.5-VL language model (docs/model_spec.md §2)
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class TextConfig:
 
 
 # ------------------------------------------------------------------------------------------------
-# Qwen2.5-VL vision transformer (spec §2)
+# Qwen2.5-VL vision transformer (docs/model_spec.md §2)
 
 
 @dataclass(frozen=True)
@@ -136,11 +136,11 @@ class VisionConfig:
 
 
 # ------------------------------------------------------------------------------------------------
-# NextDiT cross-attention DiT (spec §1.4)
+# NextDiT cross-attention DiT (docs/model_spec.md §1.4)
 
 
 def lumina_ffn_hidden_size(dim: int, multiple_of: int = 256) -> int:
-    """FFN width diffusers <= 0.32 LuminaFeedForward gives for inner_dim = 4*dim (spec §1.4 note).
+    """FFN width diffusers <= 0.32 LuminaFeedForward gives for inner_dim = 4*dim (docs/model_spec.md §1.4 note).
 
     2/3 of 4*dim, rounded up to a multiple of 256: 1792 -> 4864, which is what the released
     checkpoints store.
@@ -175,7 +175,7 @@ class DiTConfig:
 
     @property
     def time_embed_dim(self) -> int:
-        """Width of the timestep/caption conditioning vector: min(hidden, 1024) (spec §1.4)."""
+        """Width of the timestep/caption conditioning vector: min(hidden, 1024) (docs/model_spec.md §1.4)."""
         return min(self.hidden_size, 1024)
 
     @property
@@ -184,7 +184,7 @@ class DiTConfig:
 
 
 # ------------------------------------------------------------------------------------------------
-# SDXL-type decoder (spec §1.6), field names as in diffusers' config.json
+# SDXL-type decoder (docs/model_spec.md §1.6), field names as in diffusers' config.json
 
 
 @dataclass(frozen=True)
@@ -302,7 +302,7 @@ class VAEConfig:
 
 
 # ------------------------------------------------------------------------------------------------
-# Samplers (spec §1.5, §1.6)
+# Samplers (docs/model_spec.md §1.5, §1.6)
 
 
 @dataclass(frozen=True)
@@ -468,7 +468,7 @@ class ModelConfig:
     # -------------------------------------------------------------------------------- I/O
 
     def to_hf_dict(self, token_ids: dict[str, int] | None = None) -> dict[str, Any]:
-        """The checkpoint's root config.json (Qwen2_5_VLConfig layout + BLIP3-o fields, spec §3).
+        """The checkpoint's root config.json (Qwen2_5_VLConfig layout + BLIP3-o fields, docs/model_spec.md §3).
 
         `token_ids`: special-token fields (bos_token_id, image_token_id, ...) from the tokenizer.
         """
@@ -554,7 +554,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Presets (ARCHITECTURE §5)
+# Presets (docs/ARCHITECTURE.md §5)
 
 
 def _real_config(name: str, hidden: int, inter: int, layers: int, heads: int, kv: int, tie: bool) -> ModelConfig:
@@ -608,7 +608,7 @@ def _tiny_config(vocab_size: int) -> ModelConfig:
 
 PRESETS = ("tiny", "small", "4b", "8b")
 
-# Qwen2.5-VL-3B (BLIP3o-4B) and Qwen2.5-VL-7B (BLIP3o-8B), spec §2.
+# Qwen2.5-VL-3B (BLIP3o-4B) and Qwen2.5-VL-7B (BLIP3o-8B), docs/model_spec.md §2.
 _REAL = {
     "4b": dict(hidden=2048, inter=11008, layers=36, heads=16, kv=2, tie=True),
     "8b": dict(hidden=3584, inter=18944, layers=28, heads=28, kv=4, tie=False),

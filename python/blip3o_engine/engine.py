@@ -389,7 +389,7 @@ class Engine:
         if uncond.ndim != 3 or uncond.shape[0] not in (1, b) or uncond.shape[1:] != (q, c):
             raise InputError(f"uncond must be [1 or {b}, {q}, {c}], got {list(uncond.shape)}")
         latent_shape = self._latent_shape(height, width)
-        if noise is None:  # the seed's stream: DiT noise first, then UNet noise (official order, spec §1.7)
+        if noise is None:  # the seed's stream: DiT noise first, then UNet noise (official order, docs/model_spec.md §1.7)
             noise = self._draw_noise(params.image_seeds(b), [self._dit_noise_shape(), latent_shape])[1]
         noise = self._check_noise(noise, (b, *latent_shape))
         dtype = self.model.dtype
@@ -419,7 +419,7 @@ class Engine:
         return self._decoder.latents_to_pixels(latents)
 
     def uncond_features(self, params: ImageParamsLike = None) -> torch.Tensor:
-        """Stage-1 features of the raw text " " [1, Q, C]: the decoder's CFG null (spec §1.6). Computed once
+        """Stage-1 features of the raw text " " [1, Q, C]: the decoder's CFG null (docs/model_spec.md §1.6). Computed once
         per engine and DiT setting, alone (its prefill in its own step, its DiT loop in a batch of one) from a
         fixed seed (0), so they never depend on what else ran."""
         params = as_image_params(params)

@@ -104,7 +104,7 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class ImageParams:
-    """Text-to-image settings; defaults are the official ones (spec §1.7).
+    """Text-to-image settings; defaults are the official ones (docs/model_spec.md §1.7).
 
     height/width None = the model's native size (1024 for the released models); at most
     `MAX_IMAGE_SIDE` (4096) pixels per side, and a multiple of the model's size step (32 for the

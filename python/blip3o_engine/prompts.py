@@ -2,7 +2,7 @@
 
 Chat uses the checkpoint's chat template (Qwen2-VL's) and expands each `<|image_pad|>` to one token
 per merged ViT patch, as transformers' Qwen2_5_VLProcessor does. T2I uses the exact template of the
-official inference script (spec §1.2) followed by `[IMG]`; the 64 queries are added by the model.
+official inference script (docs/model_spec.md §1.2) followed by `[IMG]`; the 64 queries are added by the model.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from PIL import Image, UnidentifiedImageError
 from .errors import InputError
 from .tokenization import SpecialTokens
 
-# The official inference prompt (spec §1.2, main:inference.py:86-91,112).
+# The official inference prompt (docs/model_spec.md §1.2, main:inference.py:86-91,112).
 T2I_TEMPLATE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                 "Please generate image based on the following caption: {prompt}<|im_end|>\n<|im_start|>assistant\n")
-# The null prompt of the decoder's CFG: stage 1 on the raw text " ", no template (spec §1.6).
+# The null prompt of the decoder's CFG: stage 1 on the raw text " ", no template (docs/model_spec.md §1.6).
 UNCOND_T2I_TEXT = " "
-# Image-conditioned generation resizes the input to 448x448, aspect ignored (spec §1.8).
+# Image-conditioned generation resizes the input to 448x448, aspect ignored (docs/model_spec.md §1.8).
 T2I_IMAGE_SIZE = 448
 _ROLES = ("system", "user", "assistant")
 
@@ -35,7 +35,7 @@ class PreparedPrompt:
     token_ids: list[int]
     pixel_values: torch.Tensor | None = None  # [N_patches, C*T*P*P] as the image processor emits
     image_grid_thw: list[tuple[int, int, int]] = field(default_factory=list)
-    use_mrope: bool = True  # chat: 3-D M-RoPE for image tokens; T2I: sequential 1-D (spec §1.8)
+    use_mrope: bool = True  # chat: 3-D M-RoPE for image tokens; T2I: sequential 1-D (docs/model_spec.md §1.8)
 
 
 def load_image(image: Any) -> Image.Image:
@@ -144,7 +144,7 @@ class PromptBuilder:
     def t2i(self, prompt: str, image: Any | None = None) -> PreparedPrompt:
         """The stage-1 prompt: templated caption (+ optional image) then `[IMG]`.
 
-        With an image (spec §1.8) the official pipeline swaps a caller-placed `<image>` for
+        With an image (docs/model_spec.md §1.8) the official pipeline swaps a caller-placed `<image>` for
         `<|vision_start|>` + pads + `<|vision_end|>`; we place it at the start of the user turn,
         as Qwen's template places images before text.
         """

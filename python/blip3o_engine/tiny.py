@@ -95,7 +95,7 @@ def _config_token_ids(tokenizer_dir: Path) -> dict[str, int]:
 
 
 def _root_state(model) -> dict[str, torch.Tensor]:
-    """Published key layout of the root checkpoint (spec §3)."""
+    """Published key layout of the root checkpoint (docs/model_spec.md §3)."""
     state = {f"visual.{k}": v for k, v in model.visual.state_dict().items()}
     for k, v in model.text.state_dict().items():
         state[k if k == "lm_head.weight" else f"model.{k}"] = v
@@ -121,7 +121,7 @@ def _save_sharded(state: dict[str, torch.Tensor], out: Path, num_shards: int) ->
 
 
 def _write_decoder(model, cfg: ModelConfig, dec: Path, seed: int) -> None:
-    """diffusers layout with bf16 variant files, as the released diffusion-decoder/ (spec §1.6)."""
+    """diffusers layout with bf16 variant files, as the released diffusion-decoder/ (docs/model_spec.md §1.6)."""
     from safetensors.torch import save_file
 
     for sub in ("unet", "vae", "scheduler"):

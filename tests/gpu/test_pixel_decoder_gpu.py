@@ -66,7 +66,7 @@ def true_fp32():
 
 def test_bf16_decoder_tracks_fp32_reference(tiny_engine, gpu_bf16):
     """Compiled + graphed bf16 on the GPU vs the fp32 CPU reference, judged against what torch's own
-    bf16 gives: the reference path in bf16 on the same GPU (ARCHITECTURE §7.9: at most 2x that)."""
+    bf16 gives: the reference path in bf16 on the same GPU (docs/ARCHITECTURE.md §7.9: at most 2x that)."""
     feats, noise = _inputs(tiny_engine, 2, seed=1)
     uncond = tiny_engine.uncond_features()  # the fp32 CPU null features on both sides
     steps, guidance = 20, 3.0

@@ -66,7 +66,7 @@ def assert_matches_ref(out: torch.Tensor, ref_fn, args: tuple) -> None:
     fp32: the two differ only in summation order (tree vs torch's vectorized sum, over <= 1792 values)
     and the last ulp of rsqrt/exp, amplified at most by RoPE's a·cos − b·sin cancellation: within
     8 fp32 ulps of the largest output (measured: <= 1.7).
-    Half precision (ARCHITECTURE §7.9): vs an fp32 oracle (the same formula on upcast inputs, ~2^13
+    Half precision (docs/ARCHITECTURE.md §7.9): vs an fp32 oracle (the same formula on upcast inputs, ~2^13
     times finer than fp16), the kernel's error is at most 2x the reference's own; and since the kernel
     rounds at the reference's cast points, >= 99% of elements are bit-identical (the rest are last-ulp
     flips from rsqrt/exp/summation order; measured: at most 0.04% differ).

@@ -39,7 +39,7 @@ def assert_close_to_ref(out: torch.Tensor, ref: torch.Tensor, oracle: torch.Tens
     """Kernel output vs the reference (same inputs) and vs an fp32 oracle (the ref on upcast inputs).
 
     fp32: kernel and ref differ in summation order and the last ulp of rsqrt/exp only: within `ulps`
-    fp32 ulps of the largest |ref|. Half precision (ARCHITECTURE §7.9): the kernel's error against the
+    fp32 ulps of the largest |ref|. Half precision (docs/ARCHITECTURE.md §7.9): the kernel's error against the
     fp32 oracle is at most `half_factor` times the reference's own error; `min_identical` (elementwise
     ops that round where the reference rounds) also asks that fraction of elements to be bit-identical.
     """

@@ -97,7 +97,7 @@ def test_rope_table_equals_the_official_384_grid_sliced() -> None:
 
 
 def test_rope_pairs_rotate_by_row_then_col() -> None:
-    # Pair 2k by row·ω_k, pair 2k+1 by col·ω_k (spec §1.4); token n = row*grid + col.
+    # Pair 2k by row·ω_k, pair 2k+1 by col·ω_k (docs/model_spec.md §1.4); token n = row*grid + col.
     cos, sin = rope_2d(5, 16, theta=10000.0)
     angles = torch.atan2(sin, cos)
     omega1 = 10000.0 ** (-1 / 4)  # k = 1 for head_dim 16
@@ -275,7 +275,7 @@ def test_cfg_batch_rows_are_independent() -> None:
 
 
 def spec_dit_shapes(caption_dim: int) -> dict[str, tuple[int, ...]]:
-    """The DiT tensors of spec §3 (prefix `model.dit.model.` removed) for the released 4B/8B models."""
+    """The DiT tensors of docs/model_spec.md §3 (prefix `model.dit.model.` removed) for the released 4B/8B models."""
     d, t, f, heads, c = 1792, 1024, 4864, 28, 1792
     shapes: dict[str, tuple[int, ...]] = {
         "caption_projection.linear_1.weight": (d, caption_dim), "caption_projection.linear_1.bias": (d,),
@@ -318,7 +318,7 @@ def test_real_config_keys_shapes_and_count_on_meta(caption_dim: int, spec_count:
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert got == spec_dit_shapes(caption_dim)
     count = sum(p.numel() for p in model.parameters())
-    assert abs(count - spec_count) / spec_count < 0.005  # spec §1.4 quotes 3 significant digits
+    assert abs(count - spec_count) / spec_count < 0.005  # docs/model_spec.md §1.4 quotes 3 significant digits
     # Exact counts (printed in the report): 8B 1,365,010,336; 4B 1,362,257,824.
     assert count == {3584: 1_365_010_336, 2048: 1_362_257_824}[caption_dim]
 

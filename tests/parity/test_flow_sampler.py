@@ -2,7 +2,7 @@
 
 The sampler computes the same function as `reference.sample_clip_features` in a different order
 (hoisted condition and tables, fused GEMMs, the cross gate folded into V), so in fp32 it cannot be
-bit-identical. The tolerance follows ARCHITECTURE §7.9: against a float64 run of the same loop, the
+bit-identical. The tolerance follows docs/ARCHITECTURE.md §7.9: against a float64 run of the same loop, the
 sampler's error must be at most twice the fp32 reference's own error.
 """
 
@@ -79,7 +79,7 @@ def test_features_match_reference(model, sampler, dit64, conds, noise, batch, gu
     truth = sample_fp64(dit64, cond, z, steps, guidance)
     assert feats.shape == expected.shape == (batch, model.cfg.n_query, model.cfg.dit.in_channels)
     assert feats.dtype == torch.float32
-    # fp32, different summation order: no worse than 2x the reference's own fp32 error (§7.9).
+    # fp32, different summation order: no worse than 2x the reference's own fp32 error (docs/ARCHITECTURE.md §7.9).
     # Measured: ratio 0.7-1.1, both ~2e-7 (no CFG) to ~7e-7 (CFG 3 amplifies the difference by 5).
     ref_err = rel_err(expected, truth)
     assert 0 < ref_err < 1e-5

@@ -100,8 +100,8 @@ def test_uncond_broadcast_equals_explicit_batch(tiny_engine, decoder):
 
 
 def test_conditioning_rows_are_cond_then_uncond(tiny_engine, decoder):
-    """The CFG rows of an image are [cond, uncond] (spec §1.6; stage 1 orders it the other way). The parity
-    tests would not see a swap made in both paths, so check the decoder's rows directly."""
+    """The CFG rows of an image are [cond, uncond] (docs/model_spec.md §1.6; stage 1 orders it the other way).
+    The parity tests would not see a swap made in both paths, so check the decoder's rows directly."""
     feats, noise = _inputs(tiny_engine, 2, seed=8)
     uncond = tiny_engine.uncond_features()
     unet = tiny_engine.model.unet

@@ -1,6 +1,6 @@
 """End-to-end text-to-image: the engine vs the official pipeline rebuilt from the oracles.
 
-The oracle follows the official code path step by step (spec §1.2-1.6): transformers' Qwen2.5-VL
+The oracle follows the official code path step by step (docs/model_spec.md §1.2-1.6): transformers' Qwen2.5-VL
 language model over `embed(prompt) + embed([IMG]) + latent_queries` with no position ids, diffusers'
 PixArtAlphaTextProjection + LuminaNextDiT2DModel under FlowMatchEulerDiscreteScheduler with
 `sigmas=linspace(1, 1/S, S)` and int-truncated timesteps (CFG uncond-first, zeros null), then
@@ -106,7 +106,7 @@ class OfficialPipeline:
         h, w = noise.shape[-2] * f, noise.shape[-1] * f
         embeds = torch.cat([feats, uncond])  # cond first (pipeline_llava_gen)
         # time_ids = original_size + crop_info + [height, width] with the pipeline's defaults
-        # original_size=[1024, 1024], crop_info=[0, 0], whatever the output size (spec §1.6).
+        # original_size=[1024, 1024], crop_info=[0, 0], whatever the output size (docs/model_spec.md §1.6).
         added = {"time_ids": torch.tensor([[1024, 1024, 0, 0, h, w]] * 2, dtype=torch.float32),
                  "text_embeds": embeds.mean(dim=1)}
         self.euler.set_timesteps(steps)

@@ -147,7 +147,7 @@ def test_unet_meta_construction_and_assign_load() -> None:
 
 
 def test_real_unet_param_count() -> None:
-    """The SDXL-type decoder UNet with cross_attention_dim 1792 (spec §1.6): 2,525,520,644 params."""
+    """The SDXL-type decoder UNet with cross_attention_dim 1792 (docs/model_spec.md §1.6): 2,525,520,644 params."""
     with torch.device("meta"):
         ours = UNet2DConditional(UNetConfig())
     assert sum(p.numel() for p in ours.parameters()) == 2_525_520_644
@@ -155,7 +155,7 @@ def test_real_unet_param_count() -> None:
 
 def test_sdxl_time_ids() -> None:
     """[orig_h, orig_w, crop_top, crop_left, h, w] with the official pipeline's defaults original_size
-    = [1024, 1024] and crop_info = [0, 0] at every output size (spec §1.6): only the target changes."""
+    = [1024, 1024] and crop_info = [0, 0] at every output size (docs/model_spec.md §1.6): only the target changes."""
     ids = sdxl_time_ids(1024, 768, 2, torch.bfloat16, crop=(3, 4))
     assert ids.dtype == torch.bfloat16 and ids.shape == (2, 6)
     assert ids.tolist() == [[1024, 1024, 3, 4, 1024, 768]] * 2
@@ -202,7 +202,7 @@ def test_vae_decoder_keys_equal_diffusers_minus_encoder() -> None:
 
 
 def test_real_vae_decoder_param_count() -> None:
-    """SDXL VAE (spec §4): decoder + post_quant_conv ≈ 49.5 M of ≈ 83.6 M; diffusers agrees exactly."""
+    """SDXL VAE (docs/model_spec.md §4): decoder + post_quant_conv ≈ 49.5 M of ≈ 83.6 M; diffusers agrees exactly."""
     with torch.device("meta"):
         ours = VAEDecoder(VAEConfig())
         ref = _diffusers().AutoencoderKL(**VAEConfig().to_diffusers())

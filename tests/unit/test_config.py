@@ -36,12 +36,12 @@ def _diffusers():
     return pytest.importorskip("diffusers", reason="diffusers (the oracle) is not installed")
 
 
-REAL_VOCAB = 151668  # BLIP3o checkpoints: Qwen2.5's vocabulary plus 3 added tokens (spec §2)
+REAL_VOCAB = 151668  # BLIP3o checkpoints: Qwen2.5's vocabulary plus 3 added tokens (docs/model_spec.md §2)
 
 # ------------------------------------------------------------------------------------------------
 # Stock config files, as published (stabilityai/stable-diffusion-xl-base-1.0, diffusers 0.19/0.20
 # serializations). Emu2-Gen's decoder, which BLIP3-o ships, is this UNet with 1792-wide conditioning
-# (spec §1.6).
+# (docs/model_spec.md §1.6).
 
 SDXL_UNET = {
     "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0", "act_fn": "silu",
@@ -117,7 +117,7 @@ def test_unknown_preset_is_refused() -> None:
         preset_config("13b")
 
 
-# spec §2 table: hidden / intermediate / layers / q heads / kv heads / tie_word_embeddings.
+# docs/model_spec.md §2 table: hidden / intermediate / layers / q heads / kv heads / tie_word_embeddings.
 SPEC_LLM = {"4b": (2048, 11008, 36, 16, 2, True), "8b": (3584, 18944, 28, 28, 4, False)}
 
 
@@ -131,17 +131,17 @@ def test_real_presets_match_spec(name: str) -> None:
     assert t.vocab_size == REAL_VOCAB and t.head_dim == 128
     assert t.mrope_section == (16, 24, 24) and t.rope_theta == 1e6 and t.rms_norm_eps == 1e-6
 
-    v = cfg.vision  # spec §2 "vision" row
+    v = cfg.vision  # docs/model_spec.md §2 "vision" row
     assert (v.depth, v.hidden_size, v.num_heads, v.head_dim, v.intermediate_size) == (32, 1280, 16, 80, 3420)
     assert (v.patch_size, v.temporal_patch_size, v.spatial_merge_size, v.window_size) == (14, 2, 2, 112)
     assert v.fullatt_block_indexes == (7, 15, 23, 31) and v.out_hidden_size == hidden
 
-    d = cfg.dit  # spec §1.4: 1792 wide, 24 layers, 28 heads, FFN 4864, caption projection from the LLM
+    d = cfg.dit  # docs/model_spec.md §1.4: 1792 wide, 24 layers, 28 heads, FFN 4864, caption projection from the LLM
     assert (d.hidden_size, d.num_layers, d.num_heads, d.ffn_hidden_size) == (1792, 24, 28, 4864)
     assert d.in_channels == 1792 and d.caption_dim == hidden and d.time_embed_dim == 1024
     assert d.num_tokens == cfg.n_query == 64
 
-    u = cfg.unet  # spec §1.6: SDXL-base UNet with 1792-wide conditioning
+    u = cfg.unet  # docs/model_spec.md §1.6: SDXL-base UNet with 1792-wide conditioning
     assert u.block_out_channels == (320, 640, 1280) and u.layers_per_block == 2
     assert u.transformer_layers_per_block == (1, 2, 10) and u.num_attention_heads == (5, 10, 20)
     assert u.cross_attention_dim == 1792 and u.projection_class_embeddings_input_dim == 3328
@@ -150,7 +150,7 @@ def test_real_presets_match_spec(name: str) -> None:
     assert cfg.vae.block_out_channels == (128, 256, 512, 512) and cfg.vae.scaling_factor == 0.13025
     assert cfg.default_image_size == 1024
 
-    s = cfg.decoder_scheduler  # spec §1.6: stock SDXL-base Euler config
+    s = cfg.decoder_scheduler  # docs/model_spec.md §1.6: stock SDXL-base Euler config
     assert (s.beta_start, s.beta_end, s.beta_schedule, s.timestep_spacing, s.steps_offset) == (
         0.00085, 0.012, "scaled_linear", "leading", 1)
 
@@ -164,7 +164,7 @@ def test_real_presets_equal_stock_config_files() -> None:
 
 
 def test_lumina_ffn_width() -> None:
-    assert lumina_ffn_hidden_size(1792) == 4864  # what the released DiT stores (spec §1.4)
+    assert lumina_ffn_hidden_size(1792) == 4864  # what the released DiT stores (docs/model_spec.md §1.4)
     assert lumina_ffn_hidden_size(448) == 1280  # 2/3 * 1792 = 1194.67 -> next multiple of 256
 
 

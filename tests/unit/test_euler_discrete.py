@@ -64,7 +64,7 @@ def test_schedule_other_configs_match_diffusers() -> None:
 
 
 def test_default_schedule_values() -> None:
-    """SDXL-base config, 50 steps (spec §1.6): 981, 961, ..., 1; σ_max ≈ 13.12; init ≈ 13.16."""
+    """SDXL-base config, 50 steps (docs/model_spec.md §1.6): 981, 961, ..., 1; σ_max ≈ 13.12; init ≈ 13.16."""
     s = euler_discrete_schedule(EulerSchedulerConfig(), 50)
     assert s.timesteps.tolist() == [float(t) for t in range(981, 0, -20)]
     assert abs(s.sigmas[0].item() - 13.12) < 0.01

@@ -13,7 +13,7 @@ import torch
 from blip3o_engine.errors import InputError
 from blip3o_engine.sampling.flow_match import flow_match_euler_step, flow_match_sigmas, sample_flow
 
-# Spec §1.5: the int64 timesteps the DiT sees for the default 30 steps.
+# docs/model_spec.md §1.5: the int64 timesteps the DiT sees for the default 30 steps.
 SPEC_T30 = [1000, 966, 933, 900, 866, 833, 800, 766, 733, 700, 666, 633, 600, 566, 533,
             500, 466, 433, 400, 366, 333, 300, 266, 233, 200, 166, 133, 100, 66, 33]
 

@@ -97,7 +97,7 @@ def test_good_sampling_edge_values_accepted(kwargs):
 
 
 def test_image_defaults_are_the_official_ones():
-    """spec §1.7: 30 DiT steps at CFG 3.0, 50 decoder steps at CFG 3.0; native size; fresh seed."""
+    """docs/model_spec.md §1.7: 30 DiT steps at CFG 3.0, 50 decoder steps at CFG 3.0; native size; fresh seed."""
     p = ImageParams()
     assert (p.dit_steps, p.dit_guidance, p.decoder_steps, p.decoder_guidance) == (30, 3.0, 50, 3.0)
     assert p.height is None and p.width is None and p.seed is None

@@ -61,7 +61,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gen-tokens", type=int, default=32, help="decode steps timed per chat request (default 32)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="chat message length in tokens (default 128)")
     p.add_argument("--t2i-tokens", type=int, default=98,
-                   help="target AR length of the T2I prefill incl. [IMG] and the queries (default 98, spec §4)")
+                   help="target AR length of the T2I prefill incl. [IMG] and the queries "
+                        "(default 98, docs/model_spec.md §4)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed runs before timing, >= 1 (default 1; the first one's time is kept as cold_ms)")
     p.add_argument("--reps", type=int, default=10, help="timed runs at most (default 10)")

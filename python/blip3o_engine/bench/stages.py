@@ -58,7 +58,7 @@ class BenchSettings:
     decoder_steps: int = 50
     gen_tokens: int = 32  # decode steps timed per chat request
     prompt_tokens: int = 128  # length of the random chat message, in tokens
-    t2i_tokens: int = 98  # target AR length of the T2I prefill, [IMG] and queries included (spec §4)
+    t2i_tokens: int = 98  # target AR length of the T2I prefill, [IMG] and queries included (docs/model_spec.md §4)
     image_batches: tuple[int, ...] = (1, 4)  # text-to-image batch sizes of the t2i_e2e stage
     seed: int = 0
     only: tuple[str, ...] = ()  # stage names to run (empty = all of the mode)
@@ -174,7 +174,8 @@ def t2i_stages(w: Workload) -> list[Stage]:
         prompts = [w.caption] if batch == 1 else [f"{k} {w.caption}" for k in range(batch)]
 
         def prepare(engine: Engine):
-            engine.uncond_features(w.image_params)  # the null prompt's stage 1 is cached per process (spec §1.6)
+            # the null prompt's stage 1 is cached per process (docs/model_spec.md §1.6)
+            engine.uncond_features(w.image_params)
             if batch == 1:
                 return lambda: engine.generate_image(prompts[0], w.image_params)
             return lambda: engine.generate_images(prompts, w.image_params)

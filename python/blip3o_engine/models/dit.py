@@ -1,4 +1,4 @@
-"""NextDiT: the cross-attention diffusion transformer of BLIP3-o's first stage (spec §1.4).
+"""NextDiT: the cross-attention diffusion transformer of BLIP3-o's first stage (docs/model_spec.md §1.4).
 
 PyTorch port of the official `LuminaNextDiT2DModel` copy (`main:blip3o/model/lumina_nextdit2d.py` with
 diffusers 0.32 helper modules). It maps a noisy grid of CLIP features `x [B, C, S, S]`, a timestep on the
@@ -19,7 +19,7 @@ by `ops.dispatch`); the engine may also fuse a block's [q1; k1; v1; q2] and [w1;
 GEMM each (`fuse_projections`) and fold the per-head cross-attention gate into V (`precompute(...,
 fold_gate=True)`: attention is linear in V) — the only differences between the two backends' math.
 
-Parameter names equal the checkpoint keys under `model.dit.model.` (spec §3), so the loader maps them 1:1.
+Parameter names equal the checkpoint keys under `model.dit.model.` (docs/model_spec.md §3), so the loader maps them 1:1.
 Nothing else is registered: the 2-D RoPE table and the sinusoidal timestep table are recomputed (a few
 hundred floats).
 """
@@ -38,7 +38,7 @@ from ..config import DiTConfig
 from ..ops.dispatch import reference_mode
 from .fusion import fuse_linears, is_live
 
-# Hard-coded in the official model, independent of cfg.norm_eps (spec §1.4): the q/k LayerNorms and the
+# Hard-coded in the official model, independent of cfg.norm_eps (docs/model_spec.md §1.4): the q/k LayerNorms and the
 # caption_embedder LayerNorm use 1e-5 (torch's default), the output LayerNorm 1e-6.
 LAYER_NORM_EPS = 1e-5
 FINAL_NORM_EPS = 1e-6
@@ -332,7 +332,7 @@ class FinalLayer(nn.Module):
 
 
 class NextDiT(nn.Module):
-    """BLIP3-o's NextDiT (spec §1.4): `forward(x, timestep, caption) -> velocity`, and its hoistable pieces
+    """BLIP3-o's NextDiT (docs/model_spec.md §1.4): `forward(x, timestep, caption) -> velocity`, and its hoistable pieces
     (module docstring)."""
 
     def __init__(self, cfg: DiTConfig) -> None:

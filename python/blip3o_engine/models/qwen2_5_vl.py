@@ -1,5 +1,5 @@
 """Qwen2.5-VL in PyTorch: the language model, its 3-D (M-RoPE) positions, and the native-resolution vision
-transformer (spec §2). One forward per model, used by the reference backend and by the engine alike.
+transformer (docs/model_spec.md §2). One forward per model, used by the reference backend and by the engine alike.
 
 The language model's decoder layer is written once, over an attention backend it is handed
 (`ops.attention`): `DenseAttention` (the reference: `[B, L]` batches, a contiguous cache, masked SDPA) or

@@ -1,4 +1,4 @@
-"""SDXL-type conditional UNet of the stage-2 pixel decoder (spec §1.6), plain PyTorch.
+"""SDXL-type conditional UNet of the stage-2 pixel decoder (docs/model_spec.md §1.6), plain PyTorch.
 
 This is the reference the optimized decoder is checked against, and the module the engine fuses,
 captures and exports (the GPU machine has no diffusers). It reproduces diffusers'
@@ -54,7 +54,7 @@ def timestep_embedding(t: Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: f
 
 
 # The official decoder pipeline's `original_size` default (pipeline_llava_gen / pipeline_reconstruct,
-# spec §1.6). BLIP3-o's inference never overrides it, so the UNet sees "original 1024x1024" at every
+# docs/model_spec.md §1.6). BLIP3-o's inference never overrides it, so the UNet sees "original 1024x1024" at every
 # output size, including presets whose native size is not 1024.
 OFFICIAL_ORIGINAL_SIZE = (1024, 1024)
 
@@ -64,7 +64,7 @@ def sdxl_time_ids(height: int, width: int, batch: int, dtype: torch.dtype, devic
     """SDXL micro-conditioning ids [batch, 6] = [orig_h, orig_w, crop_top, crop_left, target_h, target_w].
 
     Sizes are in pixels. The official pipeline builds `original_size + crop_info + [height, width]`
-    with its defaults original_size = [1024, 1024], crop_info = [0, 0] (spec §1.6), i.e.
+    with its defaults original_size = [1024, 1024], crop_info = [0, 0] (docs/model_spec.md §1.6), i.e.
     [1024, 1024, 0, 0, height, width] for an output of height x width: only the target changes with
     the output size.
     """

@@ -22,7 +22,7 @@ Each image enters the prefix-cache hash chain through a sha256 of its pixels and
 prompts share cached image blocks only when the images are equal.
 
 Text-to-image prefill (`add_t2i_request`): a prefill-only request whose sequence is the T2I prompt
-followed by the Q latent queries, at 1-D positions 0..L+Q-1 on all three RoPE axes (spec §1.3), also
+followed by the Q latent queries, at 1-D positions 0..L+Q-1 on all three RoPE axes (docs/model_spec.md §1.3), also
 with an input image. It is scheduled like any prompt (chunked, batched with chat, preempted), samples
 nothing, and finishes once every row has its KV; its one output carries the post-final-norm hidden
 states of the queries `[Q, H]`. The query rows have no token ids: they hold the placeholder

@@ -1,4 +1,4 @@
-"""`FlowSampler`: the optimized stage-1 loop (spec §1.5), same features as `reference.sample_clip_features`.
+"""`FlowSampler`: the optimized stage-1 loop (docs/model_spec.md §1.5), same features as `reference.sample_clip_features`.
 
 The reference runs the whole DiT for every Euler step. Most of that work does not depend on the noisy latent,
 so the model exposes it in hoistable pieces (`models/dit.py`: `precompute`, `modulation`, `step`) and this
@@ -7,7 +7,7 @@ sampler calls them at the right frequency:
 - per request batch: `dit.precompute(caption, fold_gate=True)`: the caption projection, every block's cross
   K/V (the per-head tanh(gate) folded into V) and the caption half of temb;
 - per sampler (engine lifetime): the same for the null condition (all-zero caption, CFG's unconditional
-  branch, uncond rows first as in spec §1.5), and, per step count, the timestep embeddings of the schedule;
+  branch, uncond rows first as in docs/model_spec.md §1.5), and, per step count, the timestep embeddings of the schedule;
 - per chunk of K steps: temb = time_embed(t_i) + caption_embed for every (step, row) of the chunk and from it
   `dit.modulation`: every block's adaLN vectors and the output scale, one batched GEMM per block.
 
@@ -141,7 +141,7 @@ class FlowSampler:
         x = noise.to(self.device, self.dtype).flatten(2).transpose(1, 2)  # [B, N, C]
         if pad or cfg:
             null = self._null_condition(cond.shape[1])
-            lead = bucket if cfg else 0  # uncond rows first (spec §1.5)
+            lead = bucket if cfg else 0  # uncond rows first (docs/model_spec.md §1.5)
             kv = torch.cat([null.cross_kv.expand(-1, -1, lead, -1, -1, -1), kv,
                             null.cross_kv.expand(-1, -1, pad, -1, -1, -1)], dim=2)  # [L, 2, R, H, M, d]
             cap = torch.cat([null.caption_emb.expand(lead, -1), cap, null.caption_emb.expand(pad, -1)])  # [R, T]
@@ -172,7 +172,7 @@ class FlowSampler:
         return run.finished
 
     def result(self, run: DiTRun) -> torch.Tensor:
-        """The CLIP features `[B, Q, C]` of a finished run (row-major grid tokens, spec §1.5)."""
+        """The CLIP features `[B, Q, C]` of a finished run (row-major grid tokens, docs/model_spec.md §1.5)."""
         if not run.finished:
             raise RuntimeError(f"the DiT run has done {run.done} of {run.steps} steps")
         return run.x[:run.batch]
@@ -183,7 +183,7 @@ class FlowSampler:
         """Per step count, once: Euler increments `[S]` fp32 and timestep embeddings `[S, T]`."""
         if steps not in self._schedules:
             sigmas, timesteps = flow_match_sigmas(steps, device=self.device)  # [S+1], [S]
-            # int64 truncation as the official loop feeds the DiT (spec §1.5).
+            # int64 truncation as the official loop feeds the DiT (docs/model_spec.md §1.5).
             time = self.dit.embed_timestep(timesteps.to(torch.int64))  # [S, T]
             self._schedules[steps] = (sigmas[1:] - sigmas[:-1], time)
         return self._schedules[steps]

@@ -1,4 +1,4 @@
-"""`PixelDecoder`: the optimized stage 2 (CLIP features -> uint8 pixels, spec §1.6), continuously batched.
+"""`PixelDecoder`: the optimized stage 2 (CLIP features -> uint8 pixels, docs/model_spec.md §1.6), continuously batched.
 
 Same math and contract as `reference.decode_pixels` (SDXL-type UNet under EulerDiscrete, CFG with the
 condition first, then the VAE and uint8 conversion), restructured for speed and for the step loop:
@@ -64,7 +64,7 @@ class DecoderStep(nn.Module):
         sigma, sigma_next = sigmas[:, 0].view(-1, 1, 1, 1), sigmas[:, 1].view(-1, 1, 1, 1)  # [B, 1, 1, 1]
         z_in = scale_by_sigma(z, sigma).repeat_interleave(2, dim=0)  # [2B, 4, h, w]
         eps = self.unet.denoise(z_in, temb.repeat_interleave(2, dim=0) + add_emb, cross_kv=cross_kv)  # [2B, ...]
-        eps_c, eps_u = eps[0::2], eps[1::2]  # cond first (spec §1.6)
+        eps_c, eps_u = eps[0::2], eps[1::2]  # cond first (docs/model_spec.md §1.6)
         guided = cfg_combine(eps_u, eps_c, guidance.view(-1, 1, 1, 1))
         eps = torch.where(cfg.view(-1, 1, 1, 1), guided, eps_c)
         x0 = (z.float() - sigma * eps.float()).to(z.dtype)

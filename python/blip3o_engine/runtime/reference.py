@@ -46,7 +46,7 @@ def embed_prompt(model: Blip3oModel, prompt: PreparedPrompt, special: SpecialTok
         pos, delta = get_mrope_positions(prompt.token_ids, prompt.image_grid_thw, special.image_pad,
                                          model.cfg.vision.spatial_merge_size)
         pos = pos.to(device)
-    else:  # T2I: the official code passes no position ids -> 0..L-1 on all three axes (spec §1.3)
+    else:  # T2I: the official code passes no position ids -> 0..L-1 on all three axes (docs/model_spec.md §1.3)
         pos, delta = torch.arange(len(prompt.token_ids), device=device).expand(3, -1), 0
     return embeds, pos[:, None, :], delta
 
@@ -148,21 +148,21 @@ def encode_t2i_prompt(model: Blip3oModel, prompt: PreparedPrompt, special: Speci
     embeds, _, _ = embed_prompt(model, prompt, special)  # [1, L, H]
     queries = model.queries.weight.to(embeds.dtype)  # [1, Q, H]
     embeds = torch.cat([embeds, queries], dim=1)  # [1, L + Q, H]
-    pos = torch.arange(embeds.shape[1], device=model.device).expand(3, 1, -1)  # 1-D RoPE (spec §1.3)
+    pos = torch.arange(embeds.shape[1], device=model.device).expand(3, 1, -1)  # 1-D RoPE (docs/model_spec.md §1.3)
     hidden = model.text(embeds, pos)  # [1, L + Q, H]
     return hidden[0, -queries.shape[1]:]  # [Q, H]
 
 
 def dit_model_fn(model: Blip3oModel, cond: torch.Tensor, guidance: float) -> Callable:
     """The DiT closure of the flow loop: velocities of `x_in` for the caption batch `[zeros, C]` (CFG,
-    uncond first, spec §1.5) or `C`. cond [B, Q, H] query states."""
+    uncond first, docs/model_spec.md §1.5) or `C`. cond [B, Q, H] query states."""
     cond = cond.to(model.dtype)
     caption = torch.cat([torch.zeros_like(cond), cond]) if guidance > 1.0 else cond  # [2B or B, Q, H]
     return lambda x, t: model.dit(x, t, caption)
 
 
 def clip_tokens(x0: torch.Tensor) -> torch.Tensor:
-    """The DiT's final latent `[B, C, S, S]` -> CLIP features `[B, S·S, C]` (row-major grid, spec §1.5)."""
+    """The DiT's final latent `[B, C, S, S]` -> CLIP features `[B, S·S, C]` (row-major grid, docs/model_spec.md §1.5)."""
     b, c = x0.shape[:2]
     return x0.reshape(b, c, -1).permute(0, 2, 1)
 
@@ -171,7 +171,7 @@ def clip_tokens(x0: torch.Tensor) -> torch.Tensor:
 @reference_ops()
 def sample_clip_features(model: Blip3oModel, cond: torch.Tensor, noise: torch.Tensor, steps: int,
                          guidance: float, callback: StepCallback | None = None) -> torch.Tensor:
-    """Flow-matching Euler over the DiT with zero-null CFG (uncond first, spec §1.5).
+    """Flow-matching Euler over the DiT with zero-null CFG (uncond first, docs/model_spec.md §1.5).
 
     cond [B, Q, H] query states; noise [B, C, S, S] standard normal. Returns features [B, Q, C].
     """
@@ -186,7 +186,7 @@ def sample_clip_features(model: Blip3oModel, cond: torch.Tensor, noise: torch.Te
 def unet_model_fn(model: Blip3oModel, feats: torch.Tensor, uncond: torch.Tensor, latent_hw: tuple[int, int],
                   guidance: float) -> Callable:
     """The UNet closure of the Euler loop: ε of `z_in` under the features `[cond, uncond]` (CFG, cond first,
-    spec §1.6) or the features alone. feats, uncond [B, Q, C]."""
+    docs/model_spec.md §1.6) or the features alone. feats, uncond [B, Q, C]."""
     embeds = feats.to(model.dtype)
     if guidance > 1.0:
         embeds = torch.cat([embeds, uncond.to(model.dtype)])  # [2B, Q, C], cond first
@@ -206,7 +206,7 @@ def latents_to_uint8(model: Blip3oModel, latents: torch.Tensor) -> torch.Tensor:
 @reference_ops()
 def decode_pixels(model: Blip3oModel, feats: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor,
                   steps: int, guidance: float, callback: StepCallback | None = None) -> torch.Tensor:
-    """SDXL-type UNet loop (EulerDiscrete, CFG cond-first, spec §1.6) then VAE decode.
+    """SDXL-type UNet loop (EulerDiscrete, CFG cond-first, docs/model_spec.md §1.6) then VAE decode.
 
     feats [B, Q, C]; uncond [B, Q, C]; noise [B, 4, h, w] standard normal (unscaled).
     Returns uint8 images [B, H, W, 3].

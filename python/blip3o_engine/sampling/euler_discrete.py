@@ -1,9 +1,9 @@
-"""Stage-2 sampler: diffusers' EulerDiscreteScheduler (SDXL-base config) as pure functions (spec §1.6).
+"""Stage-2 sampler: diffusers' EulerDiscreteScheduler (SDXL-base config) as pure functions (docs/model_spec.md §1.6).
 
 The schedule is built once per step count (on the host, with the very numpy/torch calls diffusers
 uses, so timesteps and sigmas are bitwise equal) and moved to the device. The loop then only indexes
 device tensors with a Python step number: no mutable step index, no host tables, no host syncs
-(ARCHITECTURE §7.7), so a step can be captured in a CUDA graph.
+(docs/ARCHITECTURE.md §7.7), so a step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def sample_euler(model_fn: Callable[[Tensor, Tensor], Tensor], noise: Tensor, sc
 
     `model_fn(latent_in, t) -> ε`: with guidance > 1 the latent input is `cat([z, z])` [2B, ...] and
     the model's conditioning batch must be ordered **[cond, uncond]**: ε_c, ε_u = ε.chunk(2), then
-    ε = ε_u + g·(ε_c − ε_u) (the reference pipeline's order, spec §1.6). With guidance <= 1 the input
+    ε = ε_u + g·(ε_c − ε_u) (the reference pipeline's order, docs/model_spec.md §1.6). With guidance <= 1 the input
     is z alone. `t` is a 0-dim fp32 device tensor. `callback(i, S)` runs after step i.
     """
     z = noise * schedule.init_noise_sigma

@@ -1,9 +1,9 @@
-"""Stage-1 flow-matching sampler (spec §1.5) as pure functions.
+"""Stage-1 flow-matching sampler (docs/model_spec.md §1.5) as pure functions.
 
 The official code drives diffusers' `FlowMatchEulerDiscreteScheduler` (num_train_timesteps 1000, shift 1)
 with `set_timesteps(sigmas=np.linspace(1, 1/S, S))` and a CFG Euler loop. Here the schedule is a pair of
 device tensors computed once (`flow_match_sigmas`) and a step is a function of `(sigmas, i)`
-(`flow_match_euler_step`): no scheduler object, no mutable step index (ARCHITECTURE §7.7). Schedule
+(`flow_match_euler_step`): no scheduler object, no mutable step index (docs/ARCHITECTURE.md §7.7). Schedule
 values equal diffusers' bit for bit; so does every step as the official code runs it (velocity on CUDA,
 sigmas on the host) — see `flow_match_euler_step` and tests/unit/test_flow_match.py.
 
@@ -65,7 +65,7 @@ def flow_match_update(x: torch.Tensor, v: torch.Tensor, dt: torch.Tensor) -> tor
 
 
 def flow_cfg_velocity(v: torch.Tensor, guidance: float | torch.Tensor) -> torch.Tensor:
-    """A CFG batch's velocities `[2B, ...]` (uncond rows first, spec §1.5) -> the guided `[B, ...]`:
+    """A CFG batch's velocities `[2B, ...]` (uncond rows first, docs/model_spec.md §1.5) -> the guided `[B, ...]`:
     v_u + g·(v_c − v_u), product in fp32 rounded once (`guidance.cfg_combine`)."""
     v_uncond, v_cond = v.chunk(2)
     return cfg_combine(v_uncond, v_cond, guidance)
@@ -89,7 +89,7 @@ def sample_flow(model_fn: ModelFn, noise: torch.Tensor, steps: int, guidance: fl
 
     Conditions are closed over by `model_fn(x_in, t)`, which returns velocities for `x_in`:
     - `guidance > 1`: `x_in = cat([x, x])` `[2B, ...]`; the first half is the unconditional branch
-      (spec §1.5: uncond first), so the caller's DiT closure uses the caption batch
+      (docs/model_spec.md §1.5: uncond first), so the caller's DiT closure uses the caption batch
       `cat([zeros_like(C), C])`. The velocity is `v_u + guidance·(v_c − v_u)`.
     - otherwise: `x_in = x` `[B, ...]` with the caption `C` alone (no CFG).
     `t` is the timestep truncated to int64 like the official code, `[B_in]`, 1000 = noise.
