@@ -390,3 +390,52 @@ def test_console_script_help():
     assert "--max-tokens" in proc.stdout
     proc = subprocess.run([str(script)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# serve (the server itself: tests/serve/)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--max-pending", "0"], "--max-pending"),
+    (["--port", "70000"], "--port"),
+    (["--max-body-mb", "0"], "max_body_mb"),
+    (["--allowed-local-media-path", "/nonexistent/media"], "not a directory"),
+    (["--allowed-media-domains", "http://example.com"], "host names"),
+    (["--api-key", " padded "], "API keys"),
+    (["--device", "tpu"], "unsupported device"),
+    (["--replicas", "2", "--port", "0"], "explicit --port"),
+    (["--replicas", "0", "--port", "8123"], "--replicas"),
+])
+def test_serve_bad_arguments_fail_before_loading(tiny_dir, capsys, no_model_loading, argv, fragment):
+    pytest.importorskip("fastapi")
+    if "--replicas" in argv:
+        pytest.importorskip("ray")
+    rc, _, err = run_cli(capsys, "serve", "--model", tiny_dir, *argv)
+    assert_clean_error(rc, err, fragment)
+
+
+def test_serve_on_a_taken_port_fails_before_loading(tiny_dir, capsys, no_model_loading):
+    import socket
+
+    pytest.importorskip("fastapi")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        rc, _, err = run_cli(capsys, "serve", "--model", tiny_dir, "--port", taken.getsockname()[1])
+    assert_clean_error(rc, err, "cannot listen on 127.0.0.1")
+
+
+def test_serve_and_bench_serve_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exc.value.code == 0
+    for opt in ("--host", "--port", "--api-key", "--served-model-name", "--max-pending", "--max-body-mb",
+                "--allowed-media-domains", "--allowed-local-media-path", "--replicas", "--replica-num-cpus",
+                "--threads", "--backend", "default: 127.0.0.1"):
+        assert opt in out, opt
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "serve", "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "--concurrency" in out and "--mix" in out and "loopback" in out

@@ -36,6 +36,7 @@ from typing import Any
 from .engine import Engine, ImageParamsLike, SamplingParamsLike
 from .errors import EngineDeadError, EngineShutdownError, InputError, OverloadedError, RequestFailedError
 from .outputs import ChatResult, EngineStats, ImageOutput, ImageResult, RequestOutput, raise_failure
+from .prompts import PreparedPrompt
 
 log = logging.getLogger("blip3o_engine.async")
 
@@ -90,9 +91,17 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------------------ chat
 
-    async def chat_outputs(self, messages: list[dict[str, Any]], params: SamplingParamsLike = None,
+    async def prepare_chat(self, messages: list[dict[str, Any]]) -> PreparedPrompt:
+        """Validate and tokenize a conversation (its images processed) on the loop thread, the one thread that
+        uses the tokenizer (a fast tokenizer shared across threads can fail with "Already borrowed"). Pass the
+        result to `chat_outputs` in place of the messages: a server reads its length to size max_tokens."""
+        self._check_open()
+        return await self._call(lambda e: e.prompts.chat(messages))
+
+    async def chat_outputs(self, messages: list[dict[str, Any]] | PreparedPrompt, params: SamplingParamsLike = None,
                            request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Every `RequestOutput` of one chat request, the last with `finished=True` (a server's view)."""
+        """Every `RequestOutput` of one chat request, the last with `finished=True` (a server's view); `messages`
+        may be a conversation or what `prepare_chat` made of one."""
         rid = request_id or f"chat-{uuid.uuid4().hex}"
         stream = await self._submit(rid, lambda e: e.add_request(rid, messages, params))
         async for out in self._consume(stream):

@@ -1,4 +1,4 @@
-"""`blip3o-engine` command line: generate, chat, make-tiny, export, bench."""
+"""`blip3o-engine` command line: generate, chat, make-tiny, export, bench, serve."""
 
 from __future__ import annotations
 
@@ -263,11 +263,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench.cli import add_bench_parser  # argparse only; the benchmark code loads when run
 
-    add_bench_parser(sub)
+    b = add_bench_parser(sub)
+    b.epilog = ((b.epilog or "") + " `blip3o-engine bench serve --help`: load-test a running server instead.").strip()
+
+    from .serve.cli import add_serve_args  # argparse only; the server's packages load when it runs
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, images), web playground at /",
+                       description="Serve the model over HTTP: /v1/chat/completions, /v1/images/generations, "
+                                   "/v1/images/edits, /v1/models, /health, /metrics, and a playground at /. "
+                                   "Needs the [serve] extra ([ray] for --replicas).")
+    add_serve_args(s)
+    _add_model_args(s)
+    s.set_defaults(func=cmd_serve)
     return parser
 
 
+def cmd_serve(args) -> int:
+    from .serve.cli import run_serve
+
+    return run_serve(args)
+
+
+def _bench_serve(argv: list[str]) -> int:
+    """`blip3o-engine bench serve ...`: the HTTP load generator, whose flags differ from the stage benchmarks'."""
+    from .serve.bench_serve import main as bench_serve_main
+
+    return bench_serve_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "serve"]:
+        return _bench_serve(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -41,6 +41,9 @@ class RequestOutput:
     prompt_tokens: int = 0
     error: str | None = None  # set (with finished=True, finish_reason "error") when this request's work failed
     exception: BaseException | None = field(default=None, repr=False, compare=False)  # the failure itself
+    # Seconds the request waited before its first step ran (the optimized backend's scheduler; None where the
+    # backend does not queue, e.g. the reference backend).
+    queue_time: float | None = None
     # Internal to the step loop: a T2I prefill's post-final-norm query states [Q, H]; never handed to users.
     hidden_states: torch.Tensor | None = None
 

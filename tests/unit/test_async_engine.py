@@ -181,3 +181,21 @@ def test_shutdown_aborts_what_outlives_the_drain(aengine):
             await long
 
     asyncio.run(run())
+
+
+def test_a_prepared_chat_equals_the_messages_and_reports_its_queue_time(aengine):
+    """`prepare_chat` tokenizes on the loop thread; its prompt gives the same answer as the messages, and the
+    optimized backend's outputs carry the request's queue time."""
+
+    async def run():
+        prompt = await aengine.prepare_chat(MSG)
+        outs = [o async for o in aengine.chat_outputs(prompt, GREEDY)]
+        direct = await aengine.chat(MSG, GREEDY)
+        with pytest.raises(InputError, match="role"):
+            await aengine.prepare_chat([{"role": "robot", "content": "hi"}])
+        return prompt, outs, direct
+
+    prompt, outs, direct = asyncio.run(run())
+    assert outs[-1].text == direct.text and outs[-1].prompt_tokens == len(prompt.token_ids)
+    assert all(o.queue_time is not None and o.queue_time >= 0 for o in outs)
+    assert idle(aengine)

@@ -108,6 +108,23 @@ def test_max_num_seqs_caps_running_requests():
     assert_all_released(kv)
 
 
+def test_queue_time_runs_from_arrival_to_the_first_step_that_ran_the_request():
+    """A request held back by max_num_seqs waits; its queue time is set once, when it first runs, and is
+    kept across a later step (what a server exports as request_queue_time_seconds)."""
+    kv, sched = make(num_blocks=32, max_num_seqs=1)
+    first, second = Request("r0", [1, 2], max_tokens=3), Request("r1", [3, 4], max_tokens=1)
+    sched.add_request(first)
+    sched.add_request(second)
+    assert first.queue_time is None and second.queue_time is None
+    step(sched)
+    assert first.queue_time is not None and first.queue_time >= 0 and second.queue_time is None
+    ran_at = first.first_scheduled_time
+    run_to_completion(sched)
+    assert first.first_scheduled_time == ran_at  # later steps do not move it
+    assert second.first_scheduled_time > ran_at and second.queue_time > first.queue_time
+    assert_all_released(kv)
+
+
 def test_schedule_and_update_alternate_and_update_validates_first():
     kv, sched = make()
     sched.add_request(Request("a", [1, 2], max_tokens=2))

@@ -413,8 +413,9 @@ class ARStage:
         if finished:
             self._states.pop(req.request_id, None)
         return RequestOutput(req.request_id, [token], delta, finished, req.finish_reason.value if finished else None,
-                             list(req.output_token_ids), st.emitted, req.num_prompt_tokens)  # a copy: the
-        # request's list keeps growing, and an output already handed out must not change under its holder
+                             list(req.output_token_ids), st.emitted, req.num_prompt_tokens,
+                             queue_time=req.queue_time)  # output_token_ids is a copy: the request's list
+        # keeps growing, and an output already handed out must not change under its holder
 
 
 __all__ = ["ARStage", "QUERY_PLACEHOLDER_ID", "RequestOutput", "image_content_hash"]

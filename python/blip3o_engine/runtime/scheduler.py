@@ -25,6 +25,7 @@ every accepted request finishes: the oldest running request is never preempted f
 from __future__ import annotations
 
 import enum
+import time
 from collections import deque
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +64,10 @@ class Request:
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
     finish_reason: FinishReason | None = field(default=None, init=False)
     num_preemptions: int = field(default=0, init=False)
+    # perf_counter seconds: when the request was queued and when it first ran (its queue time is the
+    # difference, what a server exports as request_queue_time_seconds); a preemption does not reset them.
+    arrival_time: float = field(default_factory=time.perf_counter, init=False)
+    first_scheduled_time: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.token_ids = [int(t) for t in self.prompt_token_ids]
@@ -93,6 +98,13 @@ class Request:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def queue_time(self) -> float | None:
+        """Seconds from arrival to the first step that ran the request (None until it ran)."""
+        if self.first_scheduled_time is None:
+            return None
+        return self.first_scheduled_time - self.arrival_time
 
     @property
     def num_cacheable_tokens(self) -> int:
@@ -308,6 +320,8 @@ class Scheduler:
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.perf_counter()
             self.running.append(req)
             scheduled.append(self._scheduled(req, n))
             budget -= n
