@@ -54,8 +54,11 @@ def test_run_section_commands(fresh_dir, capsys):
     assert (fresh_dir / "apple.png").is_file() and (fresh_dir / "tiny-ckpt" / "config.json").is_file()
 
 
-def test_python_api_block(fresh_dir, capsys):
-    (block,) = code_blocks(section("Python API"), "python")
-    exec(compile(block, str(README), "exec"), {"__name__": "readme_example"})
+def test_python_api_blocks(fresh_dir, capsys):
+    blocks = code_blocks(section("Python API"), "python")
+    assert len(blocks) >= 2  # the sync Engine, then the AsyncEngine example
+    namespace = {"__name__": "readme_example"}
+    for block in blocks:  # in order, one namespace: a later block may use an earlier one's names (b3)
+        exec(compile(block, str(README), "exec"), namespace)
     assert (fresh_dir / "apple.png").is_file()
     assert capsys.readouterr().out.strip()

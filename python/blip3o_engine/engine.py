@@ -319,23 +319,22 @@ class Engine:
                     rid = self._submit_owned(lambda r: self._loop.add_image(
                         self._image_job(r, prompt, params, seeds[i], 0)))
                     running[rid] = i
-                rid = next(iter(running)) if len(running) == 1 else None
-                self._drive_images(running, results, report, rid)
+                self._drive_images(running, results, report, len(prepared) - 1)
             return results
         finally:
             report.close()
             self._release_owned(list(running))
 
-    def _drive_images(self, running: dict[str, int], results: list, report, single: str | None) -> None:
-        """One loop step (if nothing is queued yet) and the outputs of this call's images."""
+    def _drive_images(self, running: dict[str, int], results: list, report, progress_index: int) -> None:
+        """One loop step (if nothing is queued yet) and the outputs of this call's images. Progress follows
+        the call's last image (`progress_index`): it is admitted last, so it finishes last."""
         if not any(self._owned[r] for r in running):
             self._drive()
-        last = max(running, key=running.get)  # progress follows the call's last image: it finishes last
         for rid in list(running):
             queue = self._owned[rid]
             while queue:
                 out = queue.popleft()
-                if rid == last and isinstance(out, ImageOutput):
+                if running[rid] == progress_index and isinstance(out, ImageOutput):
                     report(out)
                 if out.finished:
                     if out.error is not None:
@@ -451,6 +450,7 @@ class Engine:
                    preview_every: int) -> ImageJob:
         self._require_generation()
         height, width = self.image_size(params)
+        self._plan.check_image_size(height, width)
         if not isinstance(preview_every, int) or preview_every < 0:
             raise InputError(f"preview_every must be an int >= 0, got {preview_every!r}")
         dit_noise, unet_noise = self._draw_noise([seed], [self._dit_noise_shape(), self._latent_shape(height, width)])

@@ -72,8 +72,8 @@ def is_live(fused: Tensor | None, first: nn.Linear) -> bool:
     layers' weights: False once the module was converted (`.to(dtype)`, `.double()`), reloaded with
     `assign=True` or deep-copied and converted — then the layers' own weights are the truth and a caller
     runs them unfused. One pointer comparison: cheap enough for every forward."""
-    return (fused is not None and fused.data_ptr() == first.weight.data_ptr() and fused.dtype == first.weight.dtype
-            and fused.device == first.weight.device)
+    # A converted or reloaded weight is a new tensor with new storage, so the pointer alone tells.
+    return fused is not None and fused.data_ptr() == first.weight.data_ptr()
 
 
 __all__ = ["fuse_linears", "is_live"]

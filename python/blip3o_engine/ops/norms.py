@@ -101,6 +101,8 @@ def _(gate: Tensor, up: Tensor) -> Tensor:
 
 
 def _check_norm(op: str, x: Tensor, weight: Tensor) -> None:
+    if weight.shape == (x.shape[-1],) and weight.dtype == x.dtype and weight.device == x.device:
+        return  # the hot path: one expression, messages only on failure
     check(x.dim() >= 1, op, "expected x [..., H], got a scalar")
     check(weight.shape == (x.shape[-1],), op, "weight must be [{}], got {}", x.shape[-1], tuple(weight.shape))
     check(weight.dtype == x.dtype, op, "weight is {}, expected {}", weight.dtype, x.dtype)
@@ -120,9 +122,10 @@ def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) 
     dtype), normed = RMSNorm_w(new_residual)."""
     op = "fused_add_rms_norm"
     _check_norm(op, x, weight)
-    check(residual.shape == x.shape, op, "residual {} must match x {}", tuple(residual.shape), tuple(x.shape))
-    check(residual.dtype == x.dtype and residual.device == x.device, op,
-          "residual is {} on {}, expected {} on {}", residual.dtype, residual.device, x.dtype, x.device)
+    if not (residual.shape == x.shape and residual.dtype == x.dtype and residual.device == x.device):
+        check(residual.shape == x.shape, op, "residual {} must match x {}", tuple(residual.shape), tuple(x.shape))
+        check(False, op, "residual is {} on {}, expected {} on {}", residual.dtype, residual.device, x.dtype,
+              x.device)
     if use_kernel(x):
         return _fused_add_rms_norm_op(x, residual, weight, eps)
     return fused_add_rms_norm_ref(x, residual, weight, eps)
@@ -130,8 +133,9 @@ def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """gate, up `[..., F]` -> silu(gate) * up, same shape (SiLU in fp32, rounded, then the product)."""
-    check(gate.shape == up.shape and gate.dtype == up.dtype and gate.device == up.device and gate.dim() > 0,
-          "swiglu", "gate {} {} and up {} {} must match", tuple(gate.shape), gate.dtype, tuple(up.shape), up.dtype)
+    if not (gate.shape == up.shape and gate.dtype == up.dtype and gate.device == up.device and gate.dim() > 0):
+        check(False, "swiglu", "gate {} {} and up {} {} must match", tuple(gate.shape), gate.dtype, tuple(up.shape),
+              up.dtype)
     if use_kernel(gate):
         return _swiglu_op(gate, up)
     return swiglu_ref(gate, up)

@@ -65,7 +65,7 @@ from .detokenizer import IncrementalDetokenizer
 from .kv_manager import ImageSpan, KVBlockManager
 from .limits import check_context
 from .cuda_graphs import GraphPool
-from .model_runner import ModelRunner, StepInputs
+from .model_runner import ModelRunner, StepInputs, inference_mode
 from .reference import find_stop_string, stop_token_ids
 from .scheduler import Request, ScheduledRequest, Scheduler, SchedulerOutput
 
@@ -256,10 +256,13 @@ class ARStage:
 
     # ------------------------------------------------------------------------------ stepping
 
-    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """One scheduler step + forward + sampling; outputs of the requests that sampled a token and of
         the T2I prefills that finished."""
+        with inference_mode():
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         if not out.scheduled:
             self.scheduler.update_from_output(out, {})

@@ -49,6 +49,22 @@ class MemoryPlan:
     max_model_len: int
     measured: bool  # True: working sets profiled on the device; False: estimated from the configs
     notes: list[str] = field(default_factory=list)
+    native_hw: tuple[int, int] = (0, 0)  # the output size the image stages' working sets were planned for
+
+    def check_image_size(self, height: int, width: int) -> None:
+        """CapacityError when an image of this size needs more than the plan holds for the decoder and the VAE
+        (their working sets grow with the area; the headroom absorbs the difference up to its size)."""
+        if not self.budget_bytes or not self.native_hw[0]:
+            return  # nothing planned (the reference backend, a model without image stages)
+        scale = height * width / (self.native_hw[0] * self.native_hw[1])
+        planned = self.stage_bytes.get("decoder", 0) + self.stage_bytes.get("vae", 0)
+        extra = planned * scale - planned
+        if extra > self.headroom_bytes:
+            raise CapacityError(
+                f"a {height}x{width} image needs ~{planned * scale / GiB:.2f} GiB for the decoder and VAE; the plan "
+                f"holds {planned / GiB:.2f} GiB for {self.native_hw[0]}x{self.native_hw[1]} and "
+                f"{self.headroom_bytes / GiB:.2f} GiB of headroom: use a smaller size, or start the engine with a "
+                f"smaller KV pool (cache.kv_cache_memory_gb) or max_image_batch")
 
     @property
     def headroom_bytes(self) -> int:
@@ -205,7 +221,8 @@ def profile_peak_bytes(probe: Callable[[], object], device: torch.device) -> int
 
 
 def plan_memory(cfg: ModelConfig, ecfg: EngineConfig, device: torch.device, dtype: torch.dtype, weights: int,
-                stages: dict[str, int], measured: bool, graphs: bool, budget: int | None = None) -> MemoryPlan:
+                stages: dict[str, int], measured: bool, graphs: bool, budget: int | None = None,
+                native_hw: tuple[int, int] = (0, 0)) -> MemoryPlan:
     """Size the KV pool from what the weights, the stages and the graph pool leave (module docstring).
 
     stages: working set per stage (profiled on CUDA, `estimate_stage_bytes` on CPU); graphs: whether a graph
@@ -256,7 +273,7 @@ def plan_memory(cfg: ModelConfig, ecfg: EngineConfig, device: torch.device, dtyp
     elif max_len < model_len:
         notes.append(f"max_model_len capped by the KV pool at {max_len} (the model allows {model_len})")
     return MemoryPlan(str(device), int(budget), int(weights), dict(stages), int(graph_pool), int(kv_pool),
-                      int(num_blocks), c.block_size, per_token, int(max_len), measured, notes)
+                      int(num_blocks), c.block_size, per_token, int(max_len), measured, notes, native_hw)
 
 
 __all__ = ["MemoryPlan", "cpu_available_bytes", "estimate_stage_bytes", "estimate_unet_bytes", "estimate_vae_bytes",

@@ -22,6 +22,7 @@ needs (each sequence's last token for sampling, the T2I query rows for the DiT).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -52,6 +53,12 @@ class StepInputs:
     image_rows: list[int] = field(default_factory=list)
     image_feats: Tensor | None = None  # [len(image_rows), H] on the device
     hidden_rows: list[int] = field(default_factory=list)  # rows whose final-normed hidden states to return
+
+
+def inference_mode() -> contextlib.AbstractContextManager:
+    """torch.inference_mode(), or nothing when it is already on: the step loop enters it once per step, and
+    entering it again in every nested call is host time a decode step of a small model feels."""
+    return contextlib.nullcontext() if torch.is_inference_mode_enabled() else torch.inference_mode()
 
 
 def cpu_in_major(group: Sequence[nn.Linear]) -> bool:
@@ -126,10 +133,13 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------ per step
 
-    @torch.inference_mode()
     def execute(self, step: StepInputs) -> tuple[Tensor, Tensor | None]:
         """Run one step: logits `[S, V]` of each sequence's last new token, in the step's order, and the
         post-final-norm hidden states `[len(hidden_rows), H]` of `step.hidden_rows` (None without any)."""
+        with inference_mode():
+            return self._execute(step)
+
+    def _execute(self, step: StepInputs) -> tuple[Tensor, Tensor | None]:
         if step.hidden_rows and step.is_decode:
             raise ValueError("hidden_rows are prefill rows (T2I queries); a decode step has none")
         self.builder.build(step.block_ids, step.num_computed_tokens, step.num_new_tokens, step.prompt_positions,

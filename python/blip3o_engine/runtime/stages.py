@@ -71,7 +71,8 @@ def _optimized(engine: Engine) -> tuple:
     else:
         stages = estimate_stage_bytes(cfg, config, dtype, _native_hw(engine), _vit_patches(engine))
         measured = False
-    plan = plan_memory(cfg, config, device, dtype, weights_bytes(model), stages, measured, graphs=pool is not None)
+    plan = plan_memory(cfg, config, device, dtype, weights_bytes(model), stages, measured, graphs=pool is not None,
+                       native_hw=_native_hw(engine))
     ar = ARStage(model, engine.tokenizer, engine.special, config, plan.num_kv_blocks, plan.max_model_len, pool)
     caches["llm"] = ar.runner.graphs
     return plan, ar, flow, decoder, caches
