@@ -20,7 +20,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from blip3o_engine.bench.report import achieved, read_csv
+from blip3o_engine.bench.report import MIXED_STAGES, achieved, floor_check, mixed_summary, read_csv
 
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -89,7 +89,31 @@ def _skipped(rows: list[dict[str, str]]) -> list[str]:
     return [f"Not timed ({reason}): {', '.join(f'`{s}`' for s in stages)}.\n" for reason, stages in by_reason.items()]
 
 
+def mixed_table(group: list[dict[str, str]]) -> list[str]:
+    """A `bench mixed` run: one row per policy (the step loop against the serial baseline)."""
+    summary = mixed_summary(group)
+    first = next(r for r in group if r["stage"] in MIXED_STAGES)
+    n = _notes(first)
+    lines = [f"{_heading(group)} — `bench mixed`: {n.get('clients', '?')} clients, Poisson arrivals for "
+             f"{n.get('duration_s', '?')} s (then the drain), one engine per policy", "",
+             "| policy | chat TTFT p50 / p99 ms | chat ITL p50 / p99 ms | image latency p50 / p99 ms | images/s "
+             "(images) | tok/s | worst chat stall during image work ms (limit) | makespan s |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|"]
+    lines += [f"| {m['policy']} | {m['ttft_p50']} / {m['ttft_p99']} | {m['itl_p50']} / {m['itl_p99']} | "
+              f"{m['image_p50']} / {m['image_p99']} | {m['images_s']} ({m['images']}) | {m['tok_s']} | "
+              f"{m['stall']} ({m['limit']}) | {m['makespan_s']} |" for m in summary]
+    stall = next((r for r in group if r["stage"] == "mixed_chat_stall" and r["median_ms"]), None)
+    if stall is not None:
+        s = _notes(stall)
+        lines += ["", f"Step pieces measured alone before the runs (ms): decoder step {s.get('decoder_step_ms', '?')}, "
+                      f"decode step {s.get('decode_step_ms', '?')}, DiT chunk {s.get('dit_chunk_ms', '?')}, "
+                      f"VAE {s.get('vae_ms', '?')}; stall within the limit: {s.get('within_limit', '?')}."]
+    return lines
+
+
 def table(group: list[dict[str, str]], brief: bool = False) -> list[str]:
+    if all(r["stage"] in MIXED_STAGES for r in group) and not brief:
+        return mixed_table(group)
     rows = [r for r in group if not r["stage"].startswith("ceiling_")]
     skipped, rows = _skipped(rows), [r for r in rows if not r["skipped"]]
     lines = [_heading(group) + " — " + _ceilings(group), ""]
@@ -113,6 +137,8 @@ def table(group: list[dict[str, str]], brief: bool = False) -> list[str]:
         lines.append(f"| {r['stage']} | {r['backend']} | {r['batch']} | {r['median_ms']} | "
                      f"{r['p10_ms']}–{r['p90_ms']} | {r['floor_ms'] or '–'} | {r['ratio_to_floor'] or '–'} | "
                      f"{r['ratio_to_reference'] or '–'} | {', '.join(extra)} |")
+    if any(r["floor_ms"] and r["median_ms"] for r in rows):
+        skipped = [floor_check(rows).replace("floor check:", "Floor check:") + ".\n", *skipped]
     return lines + ([""] + skipped if skipped else [])
 
 

@@ -553,3 +553,113 @@ def test_bench_mixed_on_tiny_compares_the_policies(tiny_dir, tmp_path):
     stall_row = by[("mixed_chat_stall", "interleave")]
     assert "limit_ms=" in stall_row["notes"] and "decoder_step_ms=" in stall_row["notes"]
     assert all("loadavg_start=" in r["notes"] for r in rows)
+
+
+# A floor is a lower bound by construction; rows are what they say
+
+
+def test_floors_never_count_more_work_than_each_backend_runs(tiny_engines):
+    """Every t2i and stages row's cost (its floor's FLOPs) is at most what the backend's timed call executes,
+    counted by FlopCounterMode (SDPA on its math path: the CPU flash kernel has no FLOP formula). A cost above
+    the executed work makes a beatable floor, as the repeated-caption t2i_e2e (prefix-cache hits) and the DiT's
+    null caption (cached) once did."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from blip3o_engine.bench.stages import BenchSettings, Workload, build_stages
+
+    engines = {b: tiny_engines[b] for b in ("optimized", "reference")}
+    settings = BenchSettings(prompt_tokens=16, dit_steps=3, decoder_steps=2, image_batches=(2,),
+                             policy=TimingPolicy(warmup=1, reps=1, min_reps=1))
+    w = Workload(engines["optimized"], settings)
+    seen = set()
+    for mode in ("stages", "t2i"):
+        for stage in build_stages(mode, w):
+            for backend, engine in engines.items():
+                prepared = stage.prepare(engine)
+                context = prepared if isinstance(prepared, contextlib.AbstractContextManager) else \
+                    contextlib.nullcontext(prepared)
+                with torch.inference_mode(), context as fn:
+                    fn()  # the warm-up run: first-use work (caches) is not a timed run's
+                    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+                        fn()
+                per = stage.per_call(engine) if callable(stage.per_call) else stage.per_call
+                executed = counter.get_total_flops() / per
+                assert executed >= stage.cost.flops, (stage.name, backend, stage.batch, executed / stage.cost.flops)
+                seen.add(stage.name)
+    assert seen == {"dit_step", "unet_step", "unet_self_attn", "vae_decode", "ar_prefill", "dit_loop", "decoder_loop",
+                    "t2i_e2e"}
+
+
+def test_ceilings_are_the_fastest_run_of_the_fastest_shape_and_beaten_floors_are_flagged():
+    """A ceiling slower than some shape the device runs (one square GEMM, a median run) makes a floor that work
+    of that shape beats: the ceiling is the best shape's best run, so no ceiling shape beats its own floor."""
+    gemm = (Rate("gemm", "square", 8e9, Timing((100.0, 90.0, 95.0))),  # 88.9 GFLOP/s at its best run
+            Rate("gemm", "skinny", 4e9, Timing((30.0, 40.0))))  # 133 GFLOP/s: the ceiling
+    conv = (Rate("conv", "a", 2e9, Timing((10.0, 12.0))), Rate("conv", "b", 1e9, Timing((8.0,))))
+    ceil = Ceilings(Rate("copy", "x", 1e9, Timing((100.0, 50.0))), gemm, conv, "float32")
+    assert ceil.matmul_flops_per_s == pytest.approx(4e9 / 0.030) and ceil.best_gemm.shape == "skinny"
+    assert ceil.conv_flops_per_s == pytest.approx(2e9 / 0.010) and ceil.copy_bytes_per_s == pytest.approx(1e9 / 0.05)
+    info = report.RunInfo("2026-01-01T00:00:00Z", "CPU", "abc", "tiny", "float32", True)
+    # Each ceiling shape's own work, timed at its median, judged against the floor: never below 1.
+    results = [StageResult(r.shape, "torch", 1, r.timing, Cost(flops=r.work, conv_flops=r.work if r.kind == "conv" else 0))
+               for r in gemm + conv]
+    rows = report.build_rows(results, info, ceil)
+    assert all(float(r["ratio_to_floor"]) >= 1 for r in rows) and report.beaten_floors(rows) == []
+    assert report.floor_check(rows).startswith("floor check: all 4 timed rows are at or above")
+    # A row below its floor is reported, never silently printed.
+    fast = report.build_rows([StageResult("dit_step", "optimized", 1, Timing((1.0,)), Cost(flops=8e9))], info, ceil)
+    assert [r["stage"] for r in report.beaten_floors(fast)] == ["dit_step"]
+    assert report.floor_check(fast).startswith("FLOOR CHECK FAILED: 1 of 1 rows")
+    assert "FLOOR CHECK FAILED" in report.format_table(fast, info, ceil)
+
+
+def test_recorded_runs_with_per_kind_ceilings_never_beat_a_floor():
+    """The CSVs under benchmarks/results: every run that measured the per-kind ceilings (a ceiling_conv row)
+    has each timed row at or above its floor (older runs, with one square GEMM as the only ceiling, did not)."""
+    rows = [r for path in sorted((ROOT / "benchmarks" / "results").glob("*.csv")) for r in report.read_csv(path)]
+    runs_with_conv = {(r["device"], r["date"]) for r in rows if r["stage"] == "ceiling_conv"}
+    judged = [r for r in rows if (r["device"], r["date"]) in runs_with_conv]
+    assert judged and report.beaten_floors(judged) == []
+
+
+def test_kernel_rows_run_the_kernel_and_torch_rows_the_twin(tiny_engines, monkeypatch):
+    """The triton row of `bench kernels` calls the op in "kernel" mode and never reaches a `*_ref` twin; the torch
+    row runs the twin. (triton forced available: where it is not installed, the kernel path fails on the import,
+    still before any twin; the CUDA sampling kernel needs a GPU and is left out.)"""
+    from blip3o_engine import ops
+    from blip3o_engine.bench.kernels import _run, kernel_cases
+    from blip3o_engine.bench.stages import BenchSettings, Workload
+    from blip3o_engine.ops import dispatch, dit_ops, llm_ops, norms, sampling_ops
+
+    twins: list[str] = []
+    for module in (dit_ops, llm_ops, norms, sampling_ops, ops):
+        for name in dir(module):
+            fn = getattr(module, name)
+            if name.endswith("_ref") and callable(fn):
+                def wrapped(*args, _fn=fn, _name=name, **kwargs):
+                    twins.append(_name)
+                    return _fn(*args, **kwargs)
+                monkeypatch.setattr(module, name, wrapped)
+    monkeypatch.setattr(dispatch, "HAS_TRITON", True)
+    w = Workload(tiny_engines["reference"], BenchSettings(prompt_tokens=16, dit_steps=2, decoder_steps=2))
+    # Small shapes (the twins at the default token budget take a minute on 2 busy cores): what is checked is
+    # which implementation each row reaches, not its speed.
+    w.engine_config = w.engine_config.with_overrides(max_num_batched_tokens=64, max_num_seqs=4, max_image_batch=1)
+    cases = [c for c in kernel_cases(w) if c.kernel == "triton"]
+    assert len(cases) == 10
+    for case in cases:
+        call, _, _ = case.make()
+        twins.clear()
+        with torch.inference_mode():
+            _run(call, "reference")()
+        assert twins, f"{case.name}: the torch row ran no *_ref twin"
+        twins.clear()
+        with torch.inference_mode():
+            try:
+                _run(call, "kernel")()
+            except Exception:  # noqa: BLE001 - the kernel cannot run here; what matters is what it reached first
+                pass
+        assert twins == [], f"{case.name}: the triton row reached the twin(s) {twins}"

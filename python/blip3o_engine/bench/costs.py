@@ -215,19 +215,20 @@ def vit(v: VisionConfig, grids: list[tuple[int, int, int]], bytes_per_param: flo
 # NextDiT
 
 
-def _dit_tallies(d: DiTConfig, caption_dim: int, batch: int) -> tuple[_Tally, _Tally]:
-    """(per-step work, caption-only work). The second depends on the caption alone, so a sampler can
-    do it once per image instead of every step: caption_projection, the caption half of the
-    conditioning vector, and every block's cross-attention K/V (with their norms)."""
-    step, caption = _Tally(), _Tally()
+def _dit_tallies(d: DiTConfig, caption_dim: int, batch: int) -> tuple[_Tally, _Tally, _Tally]:
+    """(per-step work, caption-only work, timestep-only work). The second depends on the caption alone, so a
+    sampler can do it once per image instead of every step: caption_projection, the caption half of the
+    conditioning vector, and every block's cross-attention K/V (with their norms). The third depends on the
+    step index alone (the timestep embedder), so a sampler can table it once per schedule."""
+    step, caption, timestep = _Tally(), _Tally(), _Tally()
     n = batch * d.num_tokens  # image tokens
     m = batch * d.num_tokens  # caption tokens: n_query = the grid's token count (ModelConfig checks it)
     dim, temb = d.hidden_size, d.time_embed_dim
     caption.linear(caption_dim, dim, m)  # caption_projection.linear_1
     caption.linear(dim, dim, m)  # caption_projection.linear_2
     step.linear(d.patch_size**2 * d.in_channels, dim, n)  # patch_embedder.proj
-    step.linear(256, temb, batch)  # timestep_embedder.linear_1 (256 sinusoidal features)
-    step.linear(temb, temb, batch)  # timestep_embedder.linear_2
+    timestep.linear(256, temb, batch)  # timestep_embedder.linear_1 (256 sinusoidal features)
+    timestep.linear(temb, temb, batch)  # timestep_embedder.linear_2
     caption.norm(dim)  # caption_embedder.0 (LayerNorm)
     caption.linear(dim, temb, batch)  # caption_embedder.1
     for _ in range(d.num_layers):
@@ -254,23 +255,24 @@ def _dit_tallies(d: DiTConfig, caption_dim: int, batch: int) -> tuple[_Tally, _T
             step.norm(dim, bias=False)  # ffn_norm1, norm2, ffn_norm2
     step.linear(temb, dim, batch)  # norm_out.linear_1
     step.linear(dim, d.patch_size**2 * d.in_channels, n)  # norm_out.linear_2
-    return step, caption
+    return step, caption, timestep
 
 
 def dit_params(d: DiTConfig, caption_dim: int | None = None) -> int:
-    step, caption = _dit_tallies(d, caption_dim or d.caption_dim, batch=0)
-    return step.params + caption.params
+    step, caption, timestep = _dit_tallies(d, caption_dim or d.caption_dim, batch=0)
+    return step.params + caption.params + timestep.params
 
 
 def dit_step(d: DiTConfig, batch: int = 2, hoisted: bool = False, bytes_per_param: float = 2) -> Cost:
     """One DiT forward over `batch` latents (2 = one image under CFG).
 
-    hoisted: the caption-only work (`_dit_tallies`) is done once per image, outside the step; its
-    FLOPs and weight bytes then leave the per-step count (see `dit_caption_once`).
+    hoisted: the caption-only work (`_dit_tallies`) is done once per image, outside the step, and the
+    timestep embedder once per schedule (FlowSampler tables it per step count); their FLOPs and weight bytes
+    then leave the per-step count (see `dit_caption_once`).
     """
-    step, caption = _dit_tallies(d, d.caption_dim, batch)
+    step, caption, timestep = _dit_tallies(d, d.caption_dim, batch)
     cost = step.cost(bytes_per_param)
-    return cost if hoisted else cost + caption.cost(bytes_per_param)
+    return cost if hoisted else cost + caption.cost(bytes_per_param) + timestep.cost(bytes_per_param)
 
 
 def dit_caption_once(d: DiTConfig, batch: int = 2, bytes_per_param: float = 2) -> Cost:

@@ -220,7 +220,81 @@ def format_table(rows: list[dict[str, str]], info: RunInfo, ceil: Ceilings | Non
         lines.append("  ".join(c.ljust(widths[i]) if i in (0, 1, 9) else c.rjust(widths[i]) for i, c in enumerate(row)))
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
+    if any(r["floor_ms"] for r in rows):
+        lines.append(floor_check(rows))
+    if any(r["stage"] in MIXED_STAGES for r in rows):
+        lines += ["", *format_mixed(rows)]
     return "\n".join(lines)
+
+
+def beaten_floors(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Timed rows whose median is below their floor. A floor is a lower bound by construction (the cost
+    model never counts more work than runs; each ceiling is the fastest run of the fastest shape of its
+    kind), so any row here means a cost model or a ceiling is wrong, not that the code is fast."""
+    return [r for r in rows if r["floor_ms"] and r["median_ms"] and float(r["median_ms"]) < float(r["floor_ms"])]
+
+
+def floor_check(rows: list[dict[str, str]]) -> str:
+    """One line: every timed row at or above its floor (with the closest one), or the rows that beat it."""
+    judged = [r for r in rows if r["floor_ms"] and r["median_ms"]]
+    beaten = beaten_floors(rows)
+    if beaten:
+        return (f"FLOOR CHECK FAILED: {len(beaten)} of {len(judged)} rows beat their floor (a cost model or "
+                f"ceiling is wrong): " + ", ".join(f"{r['stage']}/{r['backend']}/b{r['batch']} "
+                                                   f"{r['ratio_to_floor']}x" for r in beaten))
+    if not judged:
+        return "floor check: no timed row has a floor"
+    closest = min(judged, key=lambda r: float(r["median_ms"]) / float(r["floor_ms"]))
+    return (f"floor check: all {len(judged)} timed rows are at or above their floor (closest: {closest['stage']}/"
+            f"{closest['backend']}/b{closest['batch']} at {float(closest['median_ms']) / float(closest['floor_ms']):.3g}x)")
+
+
+MIXED_STAGES = ("mixed_chat_ttft", "mixed_chat_itl", "mixed_chat_stall", "mixed_image_latency")
+
+
+def _note(row: dict[str, str] | None, key: str) -> str:
+    if row is None:
+        return ""
+    return next((n.split("=", 1)[1] for n in row["notes"].split("; ") if n.startswith(key + "=")), "")
+
+
+def mixed_summary(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """`bench mixed` per policy, what issue-style reports ask for: chat TTFT and ITL p50/p99, image latency
+    p50/p99, images/s and tokens/s, the worst chat stall during image work against its limit."""
+    out = []
+    for policy in dict.fromkeys(r["backend"] for r in rows if r["stage"] in MIXED_STAGES):
+        by = {r["stage"]: r for r in rows if r["backend"] == policy and r["stage"] in MIXED_STAGES}
+        ttft, itl, stall, image = (by.get(s) for s in MIXED_STAGES)
+
+        def p50(row):
+            return row["median_ms"] if row is not None and row["median_ms"] else "-"
+
+        def p99(row):
+            return _note(row, "p99_ms") or "-"
+
+        out.append({"policy": policy, "clients": _note(ttft or image, "clients"),
+                    "ttft_p50": p50(ttft), "ttft_p99": p99(ttft), "itl_p50": p50(itl), "itl_p99": p99(itl),
+                    "image_p50": p50(image), "image_p99": p99(image),
+                    "images_s": _note(image, "images/s") or "-", "images": _note(image, "images") or "0",
+                    "tok_s": _note(itl, "tok/s") or "-", "stall": p50(stall), "limit": _note(stall, "limit_ms") or "-",
+                    "makespan_s": _note(ttft or image, "makespan_s")})
+    return out
+
+
+def format_mixed(rows: list[dict[str, str]]) -> list[str]:
+    """The `bench mixed` summary as text lines, one per policy (`mixed_summary`)."""
+    head = ("policy", "TTFT p50/p99 ms", "ITL p50/p99 ms", "image p50/p99 ms", "images/s", "tok/s",
+            "chat stall ms (limit)", "makespan s")
+    table = [head] + [(m["policy"], f"{m['ttft_p50']}/{m['ttft_p99']}", f"{m['itl_p50']}/{m['itl_p99']}",
+                       f"{m['image_p50']}/{m['image_p99']}", f"{m['images_s']} ({m['images']})", m["tok_s"],
+                       f"{m['stall']} ({m['limit']})", m["makespan_s"]) for m in mixed_summary(rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    lines = ["mixed workload per policy (stall limit = one decoder step + one decode step, measured alone):"]
+    for k, row in enumerate(table):
+        lines.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
 
 
 def _short_notes(row: dict[str, str]) -> str:
