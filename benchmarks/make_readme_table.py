@@ -6,8 +6,8 @@
     python benchmarks/make_readme_table.py --csv run.csv --brief  # a compact table (gpu_check.sh's last output)
 
 One table per run (device x preset x commit x date); by default a run is left out when a newer run
-on the same device and preset timed all of its (stage, backend, batch) rows, `--all-runs` shows every
-run. Each table's heading states the device, date, commit and dtype that every number in it comes
+on the same kind of device (CPU, or one GPU model) and preset timed all of its (stage, backend, batch)
+rows, `--all-runs` shows every run. Each table's heading states the device, date, commit and dtype that every number in it comes
 from, and the ceilings measured in that run (copy; GEMM and convolution, each the best of its shapes).
 Rows a run did not time (kernel rows on a CPU) are one line per reason under the table. Only rows
 that a real run wrote exist in these files (benchmarks/results/README.md): nothing here is estimated.
@@ -21,6 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from blip3o_engine.bench.report import MIXED_STAGES, achieved, floor_check, mixed_summary, read_csv
+from blip3o_engine.bench.stages import STAGE_NAMES
 
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -35,15 +36,25 @@ def _notes(row: dict[str, str]) -> dict[str, str]:
     return out
 
 
+KNOWN_STAGES = {name for names in STAGE_NAMES.values() for name in names}
+
+
 def _timed(group: list[dict[str, str]]) -> frozenset[tuple[str, str, str]]:
     """What a run timed: its (stage, backend, batch) rows (a chat run and a t2i run of one preset, or chat
-    runs at different batch sizes, are all shown)."""
-    return frozenset((r["stage"], r["backend"], r["batch"]) for r in group if not r["stage"].startswith("ceiling_"))
+    runs at different batch sizes, are all shown). Stages the harness no longer has (`rmsnorm`, retired for
+    the kernel rows) do not keep an old run in the README."""
+    return frozenset((r["stage"], r["backend"], r["batch"]) for r in group
+                     if r["stage"] in KNOWN_STAGES and not r["skipped"])
+
+
+def _kind(device: str) -> str:
+    """CPU or the GPU's name: a newer CPU run replaces an older one on another development CPU."""
+    return "CPU" if device.startswith("CPU") else device
 
 
 def runs(rows: list[dict[str, str]], all_runs: bool) -> list[list[dict[str, str]]]:
     """Rows grouped by run, newest first; unless all_runs, a run is left out when a newer run on the same
-    device and preset timed all of its (stage, backend, batch) rows."""
+    kind of device (a CPU, or one GPU model) and preset timed all of its (stage, backend, batch) rows."""
     groups: dict[tuple[str, str, str, str], list[dict[str, str]]] = defaultdict(list)
     for r in rows:
         groups[(r["device"], r["preset"], r["commit"], r["date"])].append(r)
@@ -51,10 +62,10 @@ def runs(rows: list[dict[str, str]], all_runs: bool) -> list[list[dict[str, str]
     seen, out = set(), []
     for (device, preset, _, _), group in ordered:
         timed = _timed(group)
-        # Superseded: a newer run on this device and preset timed every stage this one did.
-        if not all_runs and any(d == device and p == preset and timed <= t for d, p, t in seen):
+        # Superseded: a newer run on this kind of device and preset timed every stage this one did.
+        if not all_runs and any(d == _kind(device) and p == preset and timed <= t for d, p, t in seen):
             continue
-        seen.add((device, preset, timed))
+        seen.add((_kind(device), preset, timed))
         out.append(group)
     return out
 

@@ -13,8 +13,9 @@ The rows carry the achieved GB/s (bytes / median) and, where there are FLOPs, TF
 the run's ceilings (copy bandwidth; the GEMM rate for the attention FLOPs).
 
 On CPU nothing is timed: a Triton kernel runs there only in the interpreter (TRITON_INTERPRET=1), which
-executes the kernel's Python per program instance and is no benchmark; every row is emitted as skipped
-with that reason, so a CPU CSV says what was not measured and why.
+executes the kernel's Python per program instance and is no benchmark, and the CUDA kernel needs a GPU;
+every row (kernel and twin) is emitted as skipped with that reason, so a CPU CSV says what was not
+measured and why.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .costs import Cost
 from .timing import Timer, TimingPolicy
 
 CPU_REASON = "CPU: the Triton interpreter is no benchmark; kernel rows are timed on CUDA only"
+CPU_REASON_CUDA = "CPU: the CUDA sampling kernel needs a GPU; kernel rows are timed on CUDA only"
 DECODE_CONTEXT = 1024  # tokens cached per sequence in the paged decode case
 PREFILL_SEQS, PREFILL_PAST = 4, 512  # the paged prefill case: sequences, cached tokens before the new ones
 
@@ -53,7 +55,7 @@ def nbytes(*tensors: torch.Tensor) -> int:
 def kernel_unavailable(case: KernelCase, device: torch.device) -> str | None:
     """Why the kernel row of `case` cannot be timed here (None: it can)."""
     if device.type != "cuda":
-        return CPU_REASON
+        return CPU_REASON_CUDA if case.kernel == "cuda" else CPU_REASON
     if case.kernel == "triton" and not HAS_TRITON:
         return "triton is not installed: the ops run their torch twins"
     if case.kernel == "cuda":
@@ -234,4 +236,4 @@ def run_kernels(w, timer: Timer, policy: TimingPolicy, log, emit, wanted: set[st
     return results
 
 
-__all__ = ["CPU_REASON", "KernelCase", "kernel_cases", "kernel_unavailable", "nbytes", "run_kernels"]
+__all__ = ["CPU_REASON", "CPU_REASON_CUDA", "KernelCase", "kernel_cases", "kernel_unavailable", "nbytes", "run_kernels"]
