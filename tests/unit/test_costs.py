@@ -120,11 +120,12 @@ def test_dit_params_and_step_flops_8b():
     cross_kv = 2 * 1792**2  # per caption token
     attention = 2 * 2 * (2 * 64 * 64 * 1792)  # samples x (self, cross) x (QK^T + AV)
     embed = 1792 * 1792 + 1792 * 1792  # patch embedder + final linear, per token
-    tiny = 2 * (256 * 1024 + 1024 * 1024 + 24 * 1024 * 7168 + 1024 * 1792)  # timestep MLP, adaLN, final scale
+    timestep = 2 * 2 * (256 * 1024 + 1024 * 1024)  # timestep MLP: tabled once per schedule when hoisted
+    tiny = 2 * (24 * 1024 * 7168 + 1024 * 1792)  # adaLN, final scale
     hoisted = 2 * (n * (24 * per_token + embed) + 24 * attention) + 2 * tiny
     caption_once = 2 * (24 * n * cross_kv + n * (3584 * 1792 + 1792 * 1792) + 2 * 1792 * 1024)
     assert costs.dit_step(C8.dit, 2, hoisted=True).flops == hoisted
-    assert costs.dit_step(C8.dit, 2).flops == hoisted + caption_once
+    assert costs.dit_step(C8.dit, 2).flops == hoisted + caption_once + timestep
     assert rounds_to(costs.dit_step(C8.dit, 2).flops / G, "306")
     assert rounds_to(costs.dit_step(C8.dit, 2, hoisted=True).flops / G, "264")
     assert rounds_to(costs.dit_step(C8.dit, 2).bytes / G, "2.73")  # all weights, bf16
@@ -162,10 +163,47 @@ def test_per_image_total_matches_spec():
 
 def test_cost_floor_is_the_slower_limit():
     c = costs.Cost(flops=1e12, bytes=1e9)
-    assert c.floor_s(1e15, 1e12) == pytest.approx(1e-3) and c.bound(1e15, 1e12) in ("compute", "memory")
-    assert c.floor_s(1e14, 1e12) == pytest.approx(1e-2) and c.bound(1e14, 1e12) == "compute"
+    assert c.floor_s(1e15, 1e12) == pytest.approx(1e-3) and c.bound(1e15, 1e12) in ("gemm", "memory")
+    assert c.floor_s(1e14, 1e12) == pytest.approx(1e-2) and c.bound(1e14, 1e12) == "gemm"
     assert c.floor_s(1e16, 1e11) == pytest.approx(1e-2) and c.bound(1e16, 1e11) == "memory"
     assert (c + c).flops == 2e12 and (3 * c).bytes == 3e9
+
+
+def test_conv_flops_are_charged_at_the_faster_of_the_conv_and_gemm_ceilings():
+    # 3 TFLOP of which 2.4 are convolutions: at a 2 TFLOP/s conv ceiling (faster than the 1 TFLOP/s GEMM, as
+    # oneDNN's Winograd convolutions are on the development CPU) the compute floor is 0.6 s + 1.2 s.
+    c = costs.Cost(flops=3e12, bytes=1e6, conv_flops=2.4e12)
+    assert c.floor_s(1e12, 1e12, 2e12) == pytest.approx(1.8) and c.bound(1e12, 1e12, 2e12) == "conv"
+    # A slower conv ceiling than the GEMM's never raises the floor: a convolution can run as a GEMM.
+    assert c.floor_s(1e12, 1e12, 0.5e12) == pytest.approx(3.0) == c.floor_s(1e12, 1e12)
+    # 1 MB at 100 kB/s: memory-bound
+    assert c.bound(1e12, 1e5, 2e12) == "memory" and c.floor_s(1e12, 1e5, 2e12) == pytest.approx(10.0)
+    assert (c + c).conv_flops == 4.8e12 and (2 * c).conv_flops == 4.8e12
+    # The counters keep the convolutions apart: the UNet and the VAE are mostly convolution FLOPs.
+    unet, vae = costs.unet_step(C8.unet, 2, 128, 128), costs.vae_decode(C8.vae, 1, 128)
+    assert 0 < unet.conv_flops < unet.flops and 0.9 < vae.conv_flops / vae.flops <= 1.0
+    assert costs.dit_step(C8.dit, 2).conv_flops == 0 and costs.llm_prefill(C8.text, 98).conv_flops == 0
+
+
+def test_unet_hoisted_step_plus_once_is_the_whole_step():
+    """PixelDecoder computes the cross-attention K/V and the added embedding once per image and the time
+    embeddings once per step count: the hoisted step leaves exactly those out."""
+    u = C8.unet
+    whole, step, once = (costs.unet_step(u, 2, 128, 128), costs.unet_step(u, 2, 128, 128, hoisted=True),
+                         costs.unet_once(u, 2, 128, 128))
+    assert step.flops + once.flops == whole.flops and step.bytes + once.bytes == whole.bytes
+    # Every transformer block's to_k / to_v: ctx_tokens x cross_dim x width MACs for each of the 2 rows.
+    widths = [c * d for c, d, kind in zip(u.block_out_channels, u.transformer_layers_per_block, u.down_block_types)
+              if kind.startswith("CrossAttn")]
+    blocks_x_width = sum(widths) * u.layers_per_block  # down blocks
+    blocks_x_width += u.block_out_channels[-1] * u.transformer_layers_per_block[-1]  # mid block
+    blocks_x_width += sum(c * d for c, d, kind in zip(u.block_out_channels[::-1], u.transformer_layers_per_block[::-1],
+                                                       u.up_block_types)
+                          if kind.startswith("CrossAttn")) * (u.layers_per_block + 1)  # up blocks
+    cross_kv = 2 * 2 * 2 * 64 * u.cross_attention_dim * blocks_x_width  # 2 FLOPs, K and V, 2 rows
+    t, a = u.time_embed_dim, u.projection_class_embeddings_input_dim
+    embeddings = 2 * 2 * (u.block_out_channels[0] * t + t * t + a * t + t * t)
+    assert once.flops == cross_kv + embeddings and once.conv_flops == 0
 
 
 # ------------------------------------------------------------------------------------------------

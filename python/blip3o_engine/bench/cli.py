@@ -1,4 +1,4 @@
-"""`blip3o-engine bench {chat,t2i,stages,kernels,all}`: argument parsing and the run itself.
+"""`blip3o-engine bench {chat,t2i,stages,kernels,export,mixed,all}`: argument parsing and the run itself.
 
 `add_bench_parser(subparsers)` adds the `bench` command to the main CLI; `main(argv)` runs it
 standalone (`python -m blip3o_engine.bench ...` and the scripts under benchmarks/).
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -76,6 +77,17 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--export-dir", default=None,
                    help="export mode: directory for the ONNX/AOTInductor exports (reused when present; "
                         "default: a temporary directory)")
+    mixed = p.add_argument_group("mixed mode (chat and image clients through one engine; not part of all)")
+    mixed.add_argument("--chat-clients", type=int, default=2, help="chat clients N (default 2)")
+    mixed.add_argument("--image-clients", type=int, default=2, help="image clients M (default 2)")
+    mixed.add_argument("--duration-s", type=float, default=120.0,
+                       help="seconds during which clients send requests; the ones in flight then finish (default 120)")
+    mixed.add_argument("--chat-interval-s", type=float, default=3.0,
+                       help="mean gap between a chat client's requests, Poisson (default 3)")
+    mixed.add_argument("--image-interval-s", type=float, default=40.0,
+                       help="mean gap between an image client's requests, Poisson (default 40)")
+    mixed.add_argument("--policies", type=_names, default=("interleave", "serial"),
+                       help="step-loop policies to compare, each in its own engine (default: interleave,serial)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--csv", default=None, help="append rows to this CSV file")
@@ -124,6 +136,8 @@ def run_bench(args: argparse.Namespace) -> int:
                              export_dir=args.export_dir)
     modes = list(ALL_ORDER) if args.mode == "all" else [args.mode]
     date, load = utc_now(), host_load()
+    if args.mode == "mixed":
+        return _run_mixed(args, device, settings, date, load)
     print(f"loading {args.model} on {device} ...", file=sys.stderr, flush=True)
     loaded = load_engines(args.model, device, args.dtype, list(args.backend), compile=args.compile)
     first = next(iter(loaded.engines.values()))
@@ -144,6 +158,41 @@ def run_bench(args: argparse.Namespace) -> int:
         plot(rows, info, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     print(format_table(rows, info, ceil, loaded.load_s))
+    return 0
+
+
+def _run_mixed(args: argparse.Namespace, device: torch.device, settings: BenchSettings, date: str,
+               load: float | None) -> int:
+    """`bench mixed`: the policies over one model, rows appended to the CSV per policy (bench/mixed.py)."""
+    from ..config import PRESETS, dtype_from_name
+    from .engines import default_dtype
+    from .mixed import MixedSettings, run_mixed
+
+    try:
+        mixed = MixedSettings(args.chat_clients, args.image_clients, args.duration_s, args.chat_interval_s,
+                              args.image_interval_s, tuple(args.policies))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    dtype = dtype_from_name(args.dtype or default_dtype(device))
+    name = str(dtype).replace("torch.", "")
+    is_preset = args.model.lower() in PRESETS and not Path(args.model).is_dir()
+    info = RunInfo(date=date, device=device_name(device), commit=git_commit(),
+                   preset=args.model.lower() if is_preset else Path(args.model).name, dtype=name,
+                   random_weights=is_preset, host_load=load)
+
+    done: list = []
+
+    def save(new) -> None:  # rows reach the CSV policy by policy, with their ratio to the serial baseline (run first)
+        done.extend(new)
+        if args.csv:
+            append_csv(args.csv, build_rows(done, info, None)[-len(new):])
+
+    print(f"loading {args.model} on {device} ...", file=sys.stderr, flush=True)
+    results = run_mixed(args.model, device, dtype, settings, mixed, compile=args.compile, emit=save)
+    rows = build_rows(results, info, None)
+    if args.csv:
+        print(f"appended {len(rows)} rows to {args.csv}", file=sys.stderr)
+    print(format_table(rows, info, None))
     return 0
 
 

@@ -5,13 +5,15 @@ builds, so a checkpoint with other widths or depths gets its own counts. What is
 
 - FLOPs = 2 x multiply-accumulates of the matmuls, convolutions and attention products (QK^T and
   AV). Elementwise work (norms, activations, RoPE, softmax) is left out: it is a few percent of the
-  FLOPs at most and is memory traffic, not tensor-core work.
+  FLOPs at most and is memory traffic, not tensor-core work. The convolutions' share is kept apart
+  (`Cost.conv_flops`): convolution libraries (oneDNN, cuDNN) run at other rates than GEMMs, so a floor
+  charges each kind at its own measured ceiling (`bench/ceilings.py`).
 - bytes = the weights a call must read at least once (every parameter it touches, biases and norm
   scales included) at `bytes_per_param`, plus the KV cache a decode step reads. Activations are left
   out, so a floor built from these bytes is a true lower bound, not an estimate.
 
-`Cost.floor_s` turns a count into the roofline floor for measured ceilings: the larger of FLOPs /
-matmul rate and bytes / copy bandwidth.
+`Cost.floor_s` turns a count into the roofline floor for measured ceilings: the larger of the compute
+time (matmul FLOPs / GEMM rate + convolution FLOPs / convolution rate) and bytes / copy bandwidth.
 """
 
 from __future__ import annotations
@@ -23,26 +25,40 @@ from ..config import DiTConfig, TextConfig, UNetConfig, VAEConfig, VisionConfig
 
 @dataclass(frozen=True)
 class Cost:
-    """Work of one call: `flops` (2 x MACs) and `bytes` that must cross memory at least once."""
+    """Work of one call: `flops` (2 x MACs, all of them), of which `conv_flops` are convolutions, and
+    `bytes` that must cross memory at least once."""
 
     flops: float = 0.0
     bytes: float = 0.0
+    conv_flops: float = 0.0  # the convolutions' part of `flops`
 
     def __add__(self, other: Cost) -> Cost:
-        return Cost(self.flops + other.flops, self.bytes + other.bytes)
+        return Cost(self.flops + other.flops, self.bytes + other.bytes, self.conv_flops + other.conv_flops)
 
     def __mul__(self, n: float) -> Cost:
-        return Cost(self.flops * n, self.bytes * n)
+        return Cost(self.flops * n, self.bytes * n, self.conv_flops * n)
 
     __rmul__ = __mul__
 
-    def floor_s(self, flops_per_s: float, bytes_per_s: float) -> float:
-        """Roofline floor in seconds: no implementation can beat the slower of the two limits."""
-        return max(self.flops / flops_per_s, self.bytes / bytes_per_s)
+    def _times(self, flops_per_s: float, bytes_per_s: float,
+               conv_flops_per_s: float | None) -> tuple[float, float, float]:
+        """(GEMM seconds, convolution seconds, memory seconds). A convolution can always run as a GEMM
+        (im2col / implicit GEMM), so its ceiling is the faster of the two measured rates."""
+        conv_rate = max(conv_flops_per_s or 0.0, flops_per_s)
+        return (self.flops - self.conv_flops) / flops_per_s, self.conv_flops / conv_rate, self.bytes / bytes_per_s
 
-    def bound(self, flops_per_s: float, bytes_per_s: float) -> str:
-        """"compute" or "memory": which limit sets `floor_s`."""
-        return "compute" if self.flops / flops_per_s >= self.bytes / bytes_per_s else "memory"
+    def floor_s(self, flops_per_s: float, bytes_per_s: float, conv_flops_per_s: float | None = None) -> float:
+        """Roofline floor in seconds: no implementation can beat the slower of compute and memory.
+        flops_per_s: the GEMM ceiling; conv_flops_per_s: the convolution ceiling (None: the GEMM's)."""
+        gemm, conv, memory = self._times(flops_per_s, bytes_per_s, conv_flops_per_s)
+        return max(gemm + conv, memory)
+
+    def bound(self, flops_per_s: float, bytes_per_s: float, conv_flops_per_s: float | None = None) -> str:
+        """What sets `floor_s`: "memory", or the compute kind with the larger share, "gemm" or "conv"."""
+        gemm, conv, memory = self._times(flops_per_s, bytes_per_s, conv_flops_per_s)
+        if memory > gemm + conv:
+            return "memory"
+        return "conv" if conv > gemm else "gemm"
 
 
 @dataclass
@@ -51,6 +67,7 @@ class _Tally:
 
     params: int = 0
     macs: int = 0
+    conv_macs: int = 0  # the convolutions' part of `macs`
 
     def linear(self, d_in: int, d_out: int, tokens: int, bias: bool = True) -> None:
         self.params += d_in * d_out + (d_out if bias else 0)
@@ -60,6 +77,7 @@ class _Tally:
         """k x k convolution with bias; `out_pixels` = batch x output height x output width."""
         self.params += c_in * c_out * k * k + c_out
         self.macs += out_pixels * c_in * c_out * k * k
+        self.conv_macs += out_pixels * c_in * c_out * k * k
 
     def norm(self, dim: int, bias: bool = True) -> None:
         self.params += dim * (2 if bias else 1)
@@ -70,7 +88,7 @@ class _Tally:
         self.macs += int(2 * queries * keys_per_query * width)
 
     def cost(self, bytes_per_param: float) -> Cost:
-        return Cost(2.0 * self.macs, float(self.params) * bytes_per_param)
+        return Cost(2.0 * self.macs, float(self.params) * bytes_per_param, 2.0 * self.conv_macs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,19 +215,20 @@ def vit(v: VisionConfig, grids: list[tuple[int, int, int]], bytes_per_param: flo
 # NextDiT
 
 
-def _dit_tallies(d: DiTConfig, caption_dim: int, batch: int) -> tuple[_Tally, _Tally]:
-    """(per-step work, caption-only work). The second depends on the caption alone, so a sampler can
-    do it once per image instead of every step: caption_projection, the caption half of the
-    conditioning vector, and every block's cross-attention K/V (with their norms)."""
-    step, caption = _Tally(), _Tally()
+def _dit_tallies(d: DiTConfig, caption_dim: int, batch: int) -> tuple[_Tally, _Tally, _Tally]:
+    """(per-step work, caption-only work, timestep-only work). The second depends on the caption alone, so a
+    sampler can do it once per image instead of every step: caption_projection, the caption half of the
+    conditioning vector, and every block's cross-attention K/V (with their norms). The third depends on the
+    step index alone (the timestep embedder), so a sampler can table it once per schedule."""
+    step, caption, timestep = _Tally(), _Tally(), _Tally()
     n = batch * d.num_tokens  # image tokens
     m = batch * d.num_tokens  # caption tokens: n_query = the grid's token count (ModelConfig checks it)
     dim, temb = d.hidden_size, d.time_embed_dim
     caption.linear(caption_dim, dim, m)  # caption_projection.linear_1
     caption.linear(dim, dim, m)  # caption_projection.linear_2
     step.linear(d.patch_size**2 * d.in_channels, dim, n)  # patch_embedder.proj
-    step.linear(256, temb, batch)  # timestep_embedder.linear_1 (256 sinusoidal features)
-    step.linear(temb, temb, batch)  # timestep_embedder.linear_2
+    timestep.linear(256, temb, batch)  # timestep_embedder.linear_1 (256 sinusoidal features)
+    timestep.linear(temb, temb, batch)  # timestep_embedder.linear_2
     caption.norm(dim)  # caption_embedder.0 (LayerNorm)
     caption.linear(dim, temb, batch)  # caption_embedder.1
     for _ in range(d.num_layers):
@@ -236,23 +255,24 @@ def _dit_tallies(d: DiTConfig, caption_dim: int, batch: int) -> tuple[_Tally, _T
             step.norm(dim, bias=False)  # ffn_norm1, norm2, ffn_norm2
     step.linear(temb, dim, batch)  # norm_out.linear_1
     step.linear(dim, d.patch_size**2 * d.in_channels, n)  # norm_out.linear_2
-    return step, caption
+    return step, caption, timestep
 
 
 def dit_params(d: DiTConfig, caption_dim: int | None = None) -> int:
-    step, caption = _dit_tallies(d, caption_dim or d.caption_dim, batch=0)
-    return step.params + caption.params
+    step, caption, timestep = _dit_tallies(d, caption_dim or d.caption_dim, batch=0)
+    return step.params + caption.params + timestep.params
 
 
 def dit_step(d: DiTConfig, batch: int = 2, hoisted: bool = False, bytes_per_param: float = 2) -> Cost:
     """One DiT forward over `batch` latents (2 = one image under CFG).
 
-    hoisted: the caption-only work (`_dit_tallies`) is done once per image, outside the step; its
-    FLOPs and weight bytes then leave the per-step count (see `dit_caption_once`).
+    hoisted: the caption-only work (`_dit_tallies`) is done once per image, outside the step, and the
+    timestep embedder once per schedule (FlowSampler tables it per step count); their FLOPs and weight bytes
+    then leave the per-step count (see `dit_caption_once`).
     """
-    step, caption = _dit_tallies(d, d.caption_dim, batch)
+    step, caption, timestep = _dit_tallies(d, d.caption_dim, batch)
     cost = step.cost(bytes_per_param)
-    return cost if hoisted else cost + caption.cost(bytes_per_param)
+    return cost if hoisted else cost + caption.cost(bytes_per_param) + timestep.cost(bytes_per_param)
 
 
 def dit_caption_once(d: DiTConfig, batch: int = 2, bytes_per_param: float = 2) -> Cost:
@@ -277,8 +297,9 @@ def _resnet(tally: _Tally, c_in: int, c_out: int, temb: int | None, batch: int, 
 
 
 def _transformer2d(tally: _Tally, c: int, depth: int, cross_dim: int, batch: int, pixels: int,
-                   ctx_tokens: int) -> None:
-    """Transformer2D: GroupNorm, proj_in, `depth` BasicTransformerBlocks, proj_out (linear projections)."""
+                   ctx_tokens: int, once: _Tally) -> None:
+    """Transformer2D: GroupNorm, proj_in, `depth` BasicTransformerBlocks, proj_out (linear projections).
+    The cross-attention K/V of the fixed conditioning go to `once` (see `_unet_tally`)."""
     n = batch * pixels
     tally.norm(c)
     tally.linear(c, c, n)  # proj_in
@@ -290,8 +311,8 @@ def _transformer2d(tally: _Tally, c: int, depth: int, cross_dim: int, batch: int
         tally.attention(n, pixels, c)  # self-attention within each sample
         tally.norm(c)  # norm2
         tally.linear(c, c, n, bias=False)  # attn2.to_q
-        tally.linear(cross_dim, c, batch * ctx_tokens, bias=False)  # attn2.to_k
-        tally.linear(cross_dim, c, batch * ctx_tokens, bias=False)  # attn2.to_v
+        once.linear(cross_dim, c, batch * ctx_tokens, bias=False)  # attn2.to_k
+        once.linear(cross_dim, c, batch * ctx_tokens, bias=False)  # attn2.to_v
         tally.linear(c, c, n)  # attn2.to_out.0
         tally.attention(n, ctx_tokens, c)  # cross-attention
         tally.norm(c)  # norm3
@@ -300,9 +321,12 @@ def _transformer2d(tally: _Tally, c: int, depth: int, cross_dim: int, batch: int
     tally.linear(c, c, n)  # proj_out
 
 
-def _unet_tally(u: UNetConfig, batch: int, height: int, width: int, ctx_tokens: int) -> _Tally:
-    """Walk `models.unet.UNet2DConditional` for latents [batch, in_channels, height, width]."""
-    tally = _Tally()
+def _unet_tallies(u: UNetConfig, batch: int, height: int, width: int, ctx_tokens: int) -> tuple[_Tally, _Tally]:
+    """Walk `models.unet.UNet2DConditional` for latents [batch, in_channels, height, width]: (per-step work,
+    per-request work). The second depends on the request's conditioning and the schedule only, so a sampler
+    does it once (`runtime.pixel_decoder`: cross-attention K/V and the added embedding at admission, the
+    time embeddings once per step count): every block's attn2 to_k/to_v, time_embedding and add_embedding."""
+    tally, once = _Tally(), _Tally()
     ch, temb, n = u.block_out_channels, u.time_embed_dim, len(u.block_out_channels)
     # Spatial size at each level: stride-2 convs with padding 1 give ceil(size / 2).
     sizes = [(height, width)]
@@ -312,24 +336,24 @@ def _unet_tally(u: UNetConfig, batch: int, height: int, width: int, ctx_tokens: 
     pix = [h * w for h, w in sizes]
 
     tally.conv(u.in_channels, ch[0], 3, batch * pix[0])  # conv_in
-    tally.linear(ch[0], temb, batch)  # time_embedding.linear_1
-    tally.linear(temb, temb, batch)  # time_embedding.linear_2
-    tally.linear(u.projection_class_embeddings_input_dim, temb, batch)  # add_embedding.linear_1
-    tally.linear(temb, temb, batch)  # add_embedding.linear_2
+    once.linear(ch[0], temb, batch)  # time_embedding.linear_1
+    once.linear(temb, temb, batch)  # time_embedding.linear_2
+    once.linear(u.projection_class_embeddings_input_dim, temb, batch)  # add_embedding.linear_1
+    once.linear(temb, temb, batch)  # add_embedding.linear_2
     prev = ch[0]
     for i, kind in enumerate(u.down_block_types):
         for j in range(u.layers_per_block):
             _resnet(tally, prev if j == 0 else ch[i], ch[i], temb, batch, pix[i])
             if kind == "CrossAttnDownBlock2D":
                 _transformer2d(tally, ch[i], u.transformer_layers_per_block[i], u.cross_attention_dim,
-                               batch, pix[i], ctx_tokens)
+                               batch, pix[i], ctx_tokens, once)
         if i < n - 1:
             tally.conv(ch[i], ch[i], 3, batch * pix[i + 1])  # downsampler (stride 2)
         prev = ch[i]
 
     _resnet(tally, ch[-1], ch[-1], temb, batch, pix[-1])  # mid block
     _transformer2d(tally, ch[-1], u.transformer_layers_per_block[-1], u.cross_attention_dim, batch, pix[-1],
-                   ctx_tokens)
+                   ctx_tokens, once)
     _resnet(tally, ch[-1], ch[-1], temb, batch, pix[-1])
 
     rev = ch[::-1]
@@ -342,26 +366,39 @@ def _unet_tally(u: UNetConfig, batch: int, height: int, width: int, ctx_tokens: 
             skip = skip_last if j == u.layers_per_block else rev[i]
             _resnet(tally, res_in + skip, rev[i], temb, batch, pix[level])
             if kind == "CrossAttnUpBlock2D":
-                _transformer2d(tally, rev[i], depth_rev[i], u.cross_attention_dim, batch, pix[level], ctx_tokens)
+                _transformer2d(tally, rev[i], depth_rev[i], u.cross_attention_dim, batch, pix[level], ctx_tokens,
+                               once)
         if i < n - 1:
             tally.conv(rev[i], rev[i], 3, batch * pix[level - 1])  # upsampler: nearest x2, then conv
         prev = rev[i]
     tally.norm(ch[0])  # conv_norm_out
     tally.conv(ch[0], u.out_channels, 3, batch * pix[0])  # conv_out
-    return tally
+    return tally, once
 
 
 def unet_params(u: UNetConfig) -> int:
-    return _unet_tally(u, 0, u.sample_size, u.sample_size, 0).params
+    step, once = _unet_tallies(u, 0, u.sample_size, u.sample_size, 0)
+    return step.params + once.params
 
 
 def unet_step(u: UNetConfig, batch: int = 2, height: int | None = None, width: int | None = None,
-              ctx_tokens: int = 64, bytes_per_param: float = 2) -> Cost:
+              ctx_tokens: int = 64, hoisted: bool = False, bytes_per_param: float = 2) -> Cost:
     """One UNet forward over `batch` latents (2 = one image under CFG) of `height` x `width` latent
-    cells (default: the config's sample_size), cross-attending to `ctx_tokens` conditioning tokens."""
+    cells (default: the config's sample_size), cross-attending to `ctx_tokens` conditioning tokens.
+
+    hoisted: the per-request work (`_unet_tallies`) is done once per image, outside the step; its FLOPs
+    and weight bytes then leave the per-step count (see `unet_once`)."""
     height = height or u.sample_size
-    width = width or height
-    return _unet_tally(u, batch, height, width, ctx_tokens).cost(bytes_per_param)
+    step, once = _unet_tallies(u, batch, height, width or height, ctx_tokens)
+    cost = step.cost(bytes_per_param)
+    return cost if hoisted else cost + once.cost(bytes_per_param)
+
+
+def unet_once(u: UNetConfig, batch: int = 2, height: int | None = None, width: int | None = None,
+              ctx_tokens: int = 64, bytes_per_param: float = 2) -> Cost:
+    """The per-request work a hoisting decoder does once per image (see `unet_step(hoisted=True)`)."""
+    height = height or u.sample_size
+    return _unet_tallies(u, batch, height, width or height, ctx_tokens)[1].cost(bytes_per_param)
 
 
 def _vae_tally(v: VAEConfig, batch: int, height: int, width: int) -> _Tally:
@@ -427,5 +464,5 @@ def image_grid(pixels_h: int, pixels_w: int, v: VisionConfig) -> tuple[int, int,
 __all__ = [
     "Cost", "llm_layer_params", "llm_params", "kv_bytes_per_token", "llm_prefill", "llm_decode_step",
     "vit_params", "vit", "image_grid", "dit_params", "dit_step", "dit_caption_once", "unet_params",
-    "unet_step", "vae_decoder_params", "vae_decode", "self_attention", "rmsnorm",
+    "unet_step", "unet_once", "vae_decoder_params", "vae_decode", "self_attention", "rmsnorm",
 ]

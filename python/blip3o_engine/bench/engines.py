@@ -87,6 +87,23 @@ def _materialize_rotary(model, device: torch.device) -> None:
         visual.rotary_pos_emb = type(visual.rotary_pos_emb)(visual.rotary_pos_emb.config)
 
 
+@dataclass(frozen=True)
+class EngineParts:
+    """The stage objects an engine's step loop drives, for the micro rows that time them directly:
+    `flow` (FlowSampler | ReferenceFlow), `decoder` (PixelDecoder | ReferenceDecoder) and `dit_chunk`, the
+    DiT steps one engine step advances (`SchedulerConfig.dit_steps_per_iteration`, resolved per device).
+    `Engine` keeps them private; reading them here, in one place, keeps the benchmark on the objects the
+    engine really runs instead of a copy of its wiring."""
+
+    flow: object
+    decoder: object
+    dit_chunk: int
+
+
+def engine_parts(engine: Engine) -> EngineParts:
+    return EngineParts(engine._flow, engine._decoder, engine._loop.dit_chunk)
+
+
 @dataclass
 class LoadedEngines:
     engines: dict[str, Engine | TransformersChat]  # backend -> engine, all over one model, in timing order

@@ -49,6 +49,15 @@ class Timing:
     def p90_ms(self) -> float:
         return float(np.percentile(self.samples_ms, 90))
 
+    @property
+    def p99_ms(self) -> float:
+        return float(np.percentile(self.samples_ms, 99))
+
+    @property
+    def best_ms(self) -> float:
+        """The fastest run (what the ceilings use: a rate no median of the same work can beat)."""
+        return float(min(self.samples_ms))
+
 
 class Timer:
     """Times a callable on one device (see the module docstring for the method)."""
