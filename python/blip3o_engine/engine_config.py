@@ -83,8 +83,9 @@ class SchedulerConfig:
     dit_steps_per_iteration: DiT Euler steps one engine step runs for the oldest DiT batch (None = the
       whole loop on CUDA, where it is one short graph; 3 on CPU, where a step of the `small` preset's DiT
       costs about a third of a decoder step, so chat never waits longer than about one decoder step).
-    policy: "interleave" (every step: LLM work, then DiT work, then ONE decoder step over every image in the
-      decoder, then the VAE for finished ones) or "serial" (an image batch runs to its end, then chat
+    policy: "interleave" (every step: LLM work, then ONE unit of image work in turn — a DiT chunk, ONE
+      decoder step over every image in the decoder, or one image's VAE — so chat waits at most one unit)
+      or "serial" (an image batch runs to its end, then chat
       resumes: the behaviour before the step loop, kept as a benchmark baseline).
     """
 

@@ -109,7 +109,43 @@ def test_decoder_batch_is_continuous(tiny_engine):
     assert_idle(eng)
 
 
-@pytest.mark.parametrize("stage", ["prefill", "dit", "decoder"])
+def test_chat_waits_for_at_most_one_image_unit_per_step(tiny_engine):
+    """Each engine step runs the LLM step and at most ONE unit of image work (a DiT chunk, a decoder step or
+    one VAE decode), so a running chat gets a token every step: its longest stall is one LLM step plus the
+    largest unit, never a DiT chunk + decoder step + VAE back to back."""
+    eng = optimized_engine(tiny_engine, block_size=4, num_blocks=256, dit_steps_per_iteration=2)
+    for rid in ("i0", "i1"):  # the null prompt's features: computed once per engine, not per step
+        eng.uncond_features(IMAGES[rid][1])
+    units = []
+    for obj, name in ((eng._flow, "advance"), (eng._decoder, "step"), (eng._decoder, "latents_to_pixels")):
+        def counted(*args, _fn=getattr(obj, name), _name=name, **kwargs):
+            units.append(_name)
+            return _fn(*args, **kwargs)
+        setattr(obj, name, counted)
+    long_chat = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    eng.add_request("c0", CHATS["c0"], long_chat)
+    for rid in ("i0", "i1"):
+        eng.add_image_request(rid, *IMAGES[rid])
+    chat_tokens, finished, steps, seen = 0, set(), 0, set()
+    while "i0" not in finished or "i1" not in finished:
+        units.clear()
+        outs = eng.step()
+        steps += 1
+        assert len(units) <= 1, f"step {steps} ran {units}"
+        got = [o for o in outs if o.request_id == "c0"]
+        if steps > 1:  # the first step is the prefill
+            assert got, f"chat made no progress in step {steps} (image work: {units})"
+        chat_tokens += len(got)
+        seen.update(units)
+        finished |= {o.request_id for o in outs if o.finished}
+    assert seen == {"advance", "step", "latents_to_pixels"} and chat_tokens >= steps - 1
+    assert "c0" not in finished, "the chat ended before the images: the test saw no image work beside it"
+    while eng.has_unfinished():
+        eng.step()
+    assert_idle(eng)
+
+
+@pytest.mark.parametrize("stage", ["prefill", "dit", "decoder", "vae"])
 def test_abort_in_every_stage_frees_everything(tiny_engine, stage):
     eng = optimized_engine(tiny_engine, block_size=4, num_blocks=256, dit_steps_per_iteration=1)
     eng.add_request("c0", CHATS["c0"], GREEDY)
