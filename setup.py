@@ -106,7 +106,10 @@ setup(
     packages=_packages(),
     package_dir={"blip3o_engine": "python/blip3o_engine", "blip3o_engine.kernels": "kernels"},
     # CUDA sources are compiled at first use by NVRTC, so they ship as data next to their launchers.
-    package_data={"blip3o_engine.kernels": ["**/*.cu", "**/*.cuh", "**/*.h"]},
+    # The trained `demo` preset ships as a checkpoint directory inside the package.
+    package_data={"blip3o_engine.kernels": ["**/*.cu", "**/*.cuh", "**/*.h"],
+                  "blip3o_engine": ["presets/*/*.json", "presets/*/*.txt", "presets/*/*.safetensors",
+                                    "presets/*/diffusion-decoder/*.json", "presets/*/diffusion-decoder/*/*"]},
     ext_modules=[CMakeExtension("blip3o_engine._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
