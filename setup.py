@@ -1,8 +1,10 @@
 """Build script. Project metadata lives in pyproject.toml; this file adds the two things pyproject
 cannot say on its own:
 
-- the package layout: `blip3o_engine` comes from `python/blip3o_engine/`, and
-  `blip3o_engine.kernels` from the top-level `kernels/` (device code kept in one place);
+- the package layout: `blip3o_engine` comes from `python/blip3o_engine/`, and the subpackages of
+  `blip3o_engine.kernels` (`triton`, `cuda`) from the top-level `kernels/` (device code kept in one
+  place). `kernels/` itself has no `__init__.py`, so that from the repository root it never becomes a
+  top-level package `kernels` hiding PyPI's (see python/blip3o_engine/kernels/__init__.py);
 - the native module `blip3o_engine._C`, built by CMake (CMakeLists.txt) for the running Python.
 
 `pip install .` and `pip install -e .` both go through `CMakeBuild.build_extension`, which writes
@@ -94,20 +96,23 @@ def _reset_if_configured_differently(build_dir: Path, configure: list[str]) -> N
     stamp.write_text(wanted)
 
 
+def _kernel_package_dirs() -> dict[str, str]:
+    """`blip3o_engine.kernels.<p>` -> `kernels/<p>` for every package under the top-level kernels/ folder."""
+    return {f"blip3o_engine.kernels.{p}": f"kernels/{p.replace('.', '/')}" for p in find_packages("kernels")}
+
+
 def _packages() -> list[str]:
-    """`blip3o_engine` and its subpackages, then `blip3o_engine.kernels` and its subpackages."""
+    """`blip3o_engine` and its subpackages (`blip3o_engine.kernels` among them), then the kernel folders."""
     core = find_packages("python/blip3o_engine")
-    kernels = find_packages("kernels")
-    return (["blip3o_engine"] + [f"blip3o_engine.{p}" for p in core]
-            + ["blip3o_engine.kernels"] + [f"blip3o_engine.kernels.{p}" for p in kernels])
+    return ["blip3o_engine"] + [f"blip3o_engine.{p}" for p in core] + list(_kernel_package_dirs())
 
 
 setup(
     packages=_packages(),
-    package_dir={"blip3o_engine": "python/blip3o_engine", "blip3o_engine.kernels": "kernels"},
+    package_dir={"blip3o_engine": "python/blip3o_engine", **_kernel_package_dirs()},
     # CUDA sources are compiled at first use by NVRTC, so they ship as data next to their launchers.
     # The trained `demo` preset ships as a checkpoint directory inside the package.
-    package_data={"blip3o_engine.kernels": ["**/*.cu", "**/*.cuh", "**/*.h"],
+    package_data={"blip3o_engine.kernels.cuda": ["*.cu", "*.cuh", "*.h"],
                   "blip3o_engine": ["presets/*/*.json", "presets/*/*.txt", "presets/*/*.safetensors",
                                     "presets/*/diffusion-decoder/*.json", "presets/*/diffusion-decoder/*/*"]},
     ext_modules=[CMakeExtension("blip3o_engine._C")],

@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh        # from the repository root, on the GPU machine
 #
 # 1. installs the project without network (pip --no-build-isolation --no-deps -e .); wheels for
-#    missing packages may be carried in .whl/ and are put on PYTHONPATH first;
+#    missing packages (benchmarks/prepare_gpu_wheels.sh writes them to .whl/) are installed offline into
+#    a folder put first on PYTHONPATH;
 # 2. runs `pytest -m gpu` — any failure makes the script exit non-zero (after the benchmarks, so a
 #    lent machine's minutes still give numbers), with a loud line at the end;
 # 3. benchmarks `bench all` at the 8b shapes (random bf16 weights), optimized vs reference, floors
@@ -17,9 +18,12 @@
 # Time: sized to end within ~8 minutes on an H100 (each step has its own timeout; the CSV is
 # appended stage by stage, so a step cut short keeps what it measured).
 #
-# Dry run on a CPU machine (checks the script's plumbing, not the GPU):
-#   GPU_CHECK_DEVICE=cpu GPU_CHECK_MODELS="tiny small" GPU_CHECK_SKIP_INSTALL=1 PYTHON=/path/to/python \
-#     bash benchmarks/gpu_check.sh
+# Dry run on a CPU machine (checks the script's plumbing, not the GPU), in a venv that mimics the GPU
+# machine's packages (benchmarks/gpu_machine.txt: transformers 5.17, no diffusers, ...):
+#   bash benchmarks/gpu_dry_run.sh
+# which runs, after building that venv and .whl/:
+#   GPU_CHECK_DEVICE=cpu GPU_CHECK_MODELS=tiny GPU_CHECK_BENCH_ARGS="--steps 3 ..." \
+#     PYTHON=.gpu-dry-venv/bin/python bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -36,14 +40,38 @@ echo "== environment"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1  # read-only query
   $PY -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
+  $PY - <<'EOF'
+import importlib.metadata as md
+names = ("triton", "transformers", "huggingface-hub", "tokenizers", "safetensors", "diffusers", "kernels",
+         "cuda-bindings", "nvidia-cuda-nvrtc", "onnx", "onnxruntime", "pytest", "hypothesis")
+def version(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return "absent"
+print(" ".join(f"{n} {version(n)}" for n in names))
+EOF
   git rev-parse --short=12 HEAD 2>/dev/null || echo "commit unknown (no .git)"
 } > "$DEST/env.txt" 2>&1
 cat "$DEST/env.txt"
 
-if compgen -G ".whl/*.whl" > /dev/null; then
+# Carried wheels first (benchmarks/prepare_gpu_wheels.sh; the run carries .whl): offline, into a folder put
+# first on PYTHONPATH, so the machine's own environment stays as it is (a dry run can repeat in one venv).
+CARRIED=${GPU_CHECK_CARRIED:-/tmp/blip3o_carried}
+if [ -f .whl/requirements.txt ]; then
+  WHEELS=(-r .whl/requirements.txt)
+elif compgen -G ".whl/*.whl" > /dev/null; then
+  WHEELS=(.whl/*.whl)  # wheels put there by hand
+else
+  WHEELS=()
+fi
+if [ ${#WHEELS[@]} -gt 0 ]; then
   echo "== carried wheels"
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || { echo "FAILED to install carried wheels"; exit 1; }
+  rm -rf "$CARRIED"
+  $PY -m pip install -q --no-index --find-links .whl --no-deps --no-compile --no-cache-dir --target "$CARRIED" \
+    "${WHEELS[@]}" && export PYTHONPATH=$CARRIED${PYTHONPATH:+:$PYTHONPATH} \
+    || { echo "FAILED to install carried wheels"; exit 1; }
+  ls "$CARRIED" | grep -E '\.dist-info$' | sed 's/\.dist-info$//' | tee -a "$DEST/env.txt"
 fi
 
 echo "== install ($(elapsed) s)"
@@ -72,6 +100,9 @@ if $PY -c "import matplotlib" 2>/dev/null; then PLOT=(--plot); else echo "matplo
 read -r -a MODELS <<< "${GPU_CHECK_MODELS:-8b 4b}"  # the first must run; the second if time allows
 BENCH=(--device "${GPU_CHECK_DEVICE:-cuda}" --backend optimized,reference --batch 1,8 --gen-tokens 16 --warmup 1 --reps 5 --min-reps 3
        --budget-s 6 --csv "$DEST/bench.csv")
+# Extra bench flags, last so they win (the CPU dry run shortens steps and repetitions: it checks plumbing).
+read -r -a BENCH_EXTRA <<< "${GPU_CHECK_BENCH_ARGS:-}"
+BENCH+=("${BENCH_EXTRA[@]}")
 
 bench() {  # bench PRESET TIMEOUT_S [MODE EXTRA_ARGS...]
   local preset=$1 limit=$2 mode=${3:-all} plot=()

@@ -84,7 +84,9 @@ def table(group: list[dict[str, str]], brief: bool = False) -> list[str]:
               "|---|---|--:|--:|--:|--:|--:|--:|---|"]
     for r in rows:
         n = _notes(r)
-        extra = ", ".join(f"{k} {n[k]}" for k in ("bound", "tok/s", "images/s", "steps", "tokens") if k in n)
+        extra = ", ".join(f"{k} {n[k]}" for k in ("bound", "tok/s", "images/s", "steps", "tokens", "axes") if k in n)
+        if r.get("compile_ms") and r["stage"].startswith("export_"):  # bench export: the graph's export time
+            extra += f", export {float(r['compile_ms']) / 1e3:.3g} s"
         lines.append(f"| {r['stage']} | {r['backend']} | {r['batch']} | {r['median_ms']} | "
                      f"{r['p10_ms']}–{r['p90_ms']} | {r['floor_ms'] or '–'} | {r['ratio_to_floor'] or '–'} | "
                      f"{r['ratio_to_reference'] or '–'} | {extra} |")

@@ -3,13 +3,37 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+# Without CUDA the Triton kernels run in Triton's CPU interpreter. `@triton.jit` picks interpreted or
+# compiled when a function is decorated, and triton.language's own jit helpers (`tl.zeros`, ...) are
+# decorated at `import triton`, which `import torch._dynamo` already does (any engine import, the export
+# tests' collection). So the choice is made here, before any test module is collected; a kernel test that
+# runs with compiled helpers fails with "Cannot call @triton.jit'd outside of the scope of a kernel".
+if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1 "
+                           "(a pytest plugin?); set TRITON_INTERPRET=1 in the environment")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+# Shared engine helpers (`_paged_util`) live in tests/parity; unit tests import them too.
+sys.path.insert(0, str(Path(__file__).parent / "parity"))
+
 # Tests are small; more threads than cores only adds contention on 2-core CI machines.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """The CLI sets torch's thread count (--threads or its default); tests run it in-process."""
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
 
 
 def pytest_configure(config):

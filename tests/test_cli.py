@@ -4,6 +4,7 @@ subprocess for the entry points (`python -m blip3o_engine`, the installed consol
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,43 @@ def test_make_tiny_writes_a_loadable_checkpoint(tmp_path, tiny_dir, capsys):
         assert json.loads((out_dir / name).read_text()) == json.loads((tiny_dir / name).read_text())
     engine = Engine.from_pretrained(str(out_dir))
     assert len(engine.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=2)).token_ids) == 2
+
+
+@pytest.mark.parametrize("target, fragment", [
+    ("file", "exists and is not a directory"),
+    ("file/sub", "cannot create"),
+    ("full", "is not empty"),
+])
+def test_make_tiny_bad_target_is_a_one_line_error(tmp_path, capsys, target, fragment):
+    (tmp_path / "file").write_text("keep me")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("keep me too")
+    rc, out, err = run_cli(capsys, "make-tiny", tmp_path / target)
+    assert_clean_error(rc, err, fragment, str(tmp_path / target))
+    assert len(err.strip().splitlines()) == 1 and out == ""
+    assert (tmp_path / "file").read_text() == "keep me"  # nothing of the user's was touched
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere")
+def test_make_tiny_unwritable_dir(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        rc, _, err = run_cli(capsys, "make-tiny", locked / "ck")
+        assert_clean_error(rc, err, "cannot create")
+        rc, _, err = run_cli(capsys, "make-tiny", locked)
+        assert_clean_error(rc, err, "not writable")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_make_tiny_bad_seed(tmp_path, capsys):
+    for seed in ("-1", str(2**70)):
+        rc, _, err = run_cli(capsys, "make-tiny", tmp_path / "ck", "--seed", seed)
+        assert_clean_error(rc, err, "seed must be an int in [0, 2**64 - 2]")
+    assert not (tmp_path / "ck").exists()
 
 
 def test_make_tiny_rejects_unknown_preset(tmp_path, capsys):
@@ -173,6 +211,15 @@ def test_missing_model_path(tmp_path, capsys):
     (["--image", "/nonexistent/in.png"], "does not exist"),
     (["--dtype", "int8"], "unsupported dtype"),
     (["--device", "cuda:0"], "CUDA"),
+    (["--device", "tpu"], "unsupported device 'tpu'; use cpu, cuda or cuda:N"),
+    (["--seed", str(2**70)], "seed must be an int in [0, 2**64 - 1]"),
+    (["--seed", str(2**64)], "seed must be an int in [0, 2**64 - 1]"),
+    (["--guidance", "inf"], "decoder_guidance must be a finite number"),
+    (["--dit-guidance", "inf"], "dit_guidance must be a finite number"),
+    (["--guidance", "nan"], "decoder_guidance"),
+    (["--width", "100000", "--height", "100000"], "must be an int in [1, 4096]"),
+    (["--width", "4112"], "width must be an int in [1, 4096]"),
+    (["--threads", "0"], "--threads must be >= 1"),
 ])
 def test_generate_bad_arguments(tmp_path, tiny_dir, capsys, argv, fragment):
     if "cuda" in " ".join(argv):
@@ -196,6 +243,65 @@ def test_bad_arguments_fail_before_loading_the_model(tmp_path, capsys):
     assert_clean_error(rc, err, "top_p")
 
 
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fails the test if the CLI starts loading weights."""
+    from blip3o_engine.engine import Engine
+
+    def refuse(*args, **kwargs):
+        pytest.fail("the CLI loaded the model before reporting a bad argument")
+
+    monkeypatch.setattr(Engine, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["generate", "a", "--image", "/nonexistent/in.png"], "does not exist"),
+    (["generate", "a", "--image", "BAD"], "cannot decode image"),
+    (["generate", "a", "--width", "40"], "multiples of 16"),
+    (["generate", "a", "--height", "8", "--width", "64"], "multiples of 16"),
+    (["generate", "a", "--device", "tpu"], "unsupported device"),
+    (["generate", "a", "--dtype", "int4"], "unsupported dtype"),
+    (["chat", "Hi", "--image", "/nonexistent/in.png"], "does not exist"),
+    (["chat", "Hi", "--image", "BAD"], "cannot decode image"),
+    (["chat", "Hi", "--device", "tpu"], "unsupported device"),
+])
+def test_inputs_are_checked_before_loading_the_model(tmp_path, tiny_dir, capsys, no_model_loading, argv, fragment):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    argv = [str(bad) if a == "BAD" else a for a in argv]
+    out = ["-o", tmp_path / "x.png"] if argv[0] == "generate" else []
+    rc, _, err = run_cli(capsys, *argv, *out, "--model", tiny_dir)
+    assert_clean_error(rc, err, fragment)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_size_step_of_a_real_model_is_checked_before_loading(tmp_path, capsys, no_model_loading):
+    """The 8b preset's 2.5 B-parameter decoder is never built for a size it cannot take (step 32)."""
+    rc, _, err = run_cli(capsys, "generate", "a", "-o", tmp_path / "x.png", "--model", "8b", "--width", "1000")
+    assert_clean_error(rc, err, "multiples of 32")
+
+
+def test_generate_prompt_past_the_context(tmp_path, tiny_dir, capsys):
+    rc, _, err = run_cli(capsys, "generate", "word " * 5000, "-o", tmp_path / "x.png", "--model", tiny_dir, *FAST)
+    assert_clean_error(rc, err, "exceeds the context (max_model_len) of 4096 tokens")
+    assert "indexing errors" not in err and not (tmp_path / "x.png").exists()
+
+
+def test_threads_option(tiny_dir, capsys, monkeypatch):
+    import torch
+
+    rc, _, err = run_cli(capsys, "chat", "Hi", "--max-tokens", "1", "--model", tiny_dir, "--threads", "1")
+    assert rc == 0, err
+    assert torch.get_num_threads() == 1
+    from blip3o_engine import threads
+
+    monkeypatch.setattr(threads, "default_num_threads", lambda: 2)  # no --threads: the default is applied
+    torch.set_num_threads(1)
+    rc, _, err = run_cli(capsys, "chat", "Hi", "--max-tokens", "1", "--model", tiny_dir)
+    assert rc == 0, err
+    assert torch.get_num_threads() == 2
+
+
 def test_generate_unknown_output_format(tmp_path, tiny_dir, capsys):
     rc, _, err = run_cli(capsys, "generate", "a", "-o", tmp_path / "x.notaformat", "--model", tiny_dir, *FAST)
     assert_clean_error(rc, err, "x.notaformat")
@@ -209,6 +315,13 @@ def test_generate_unknown_output_format(tmp_path, tiny_dir, capsys):
     (["--repetition-penalty", "0"], "repetition_penalty"),
     (["--image", "/nonexistent/in.png"], "does not exist"),
     (["--max-tokens", "100000"], "context"),
+    (["--seed", str(2**70)], "seed must be an int in [0, 2**64 - 1]"),
+    (["--seed", "-1"], "seed must be an int in [0, 2**64 - 1]"),
+    (["--temperature", "inf"], "temperature must be a finite number"),
+    (["--top-p", "nan"], "top_p"),
+    (["--repetition-penalty", "inf"], "repetition_penalty must be a finite number"),
+    (["--device", "tpu"], "unsupported device 'tpu'"),
+    (["--threads", "-2"], "--threads must be >= 1"),
 ])
 def test_chat_bad_arguments(tiny_dir, capsys, argv, fragment):
     rc, out, err = run_cli(capsys, "chat", "Hi", "--model", tiny_dir, *argv)
@@ -237,8 +350,9 @@ def test_argparse_errors_exit_2(capsys):
 
 @pytest.mark.parametrize("sub, options", [
     ([], ["generate", "chat", "make-tiny"]),
-    (["generate"], ["--output", "--steps", "--dit-steps", "--guidance", "--seed", "--image", "--model", "--height"]),
-    (["chat"], ["--image", "--max-tokens", "--temperature", "--top-p", "--top-k", "--system", "--model"]),
+    (["generate"], ["--output", "--steps", "--dit-steps", "--guidance", "--seed", "--image", "--model", "--height",
+                    "--threads", "OMP_NUM_THREADS"]),
+    (["chat"], ["--image", "--max-tokens", "--temperature", "--top-p", "--top-k", "--system", "--model", "--threads"]),
     (["make-tiny"], ["--preset", "--seed"]),
 ])
 def test_help(capsys, sub, options):
@@ -249,6 +363,13 @@ def test_help(capsys, sub, options):
     assert out.startswith("usage: blip3o-engine")
     for opt in options:
         assert opt in out
+
+
+def test_chat_help_says_its_greedy_default_differs_from_sampling_params(capsys):
+    with pytest.raises(SystemExit):
+        main(["chat", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "0 = greedy (the default here" in text and "SamplingParams defaults to vLLM's 1.0" in text
 
 
 def test_python_dash_m_help():

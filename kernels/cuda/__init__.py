@@ -8,5 +8,6 @@ launcher (torch tensors in, torch tensors out, on torch's current stream).
   + greedy argmax of chat decode (the wrapper and torch twin are in `blip3o_engine.ops.sampling_ops`).
 
 The CI compile gate (`nvrtc.compile_all()`, run by tests/kernels/test_cuda_kernels.py) compiles every
-`.cu` of this folder for sm_80 and sm_90a, so a new file is covered without being registered.
+`.cu` of this folder for sm_80 and sm_90 — the cubins an A100 and an H100/H200 load (`nvrtc.gate_archs()`)
+— so a new file is covered without being registered.
 """

@@ -38,13 +38,25 @@ struct LoadBF16 {  // bf16 is the high half of an fp32: the upcast is a shift
     }
 };
 
+// Exact half -> float in plain C++ (no PTX, so tests/kernels/test_cuda_host_emulation.py compiles this
+// file for the host too): the half's exponent and mantissa bits placed as an fp32 are the value times
+// 2^-112, and the product by 2^112 is exact, subnormal halves included (denormals kept: --ftz=false);
+// an all-ones exponent (inf, NaN) maps to fp32's, the mantissa moved up and a NaN made quiet (as IEEE
+// conversion, the hardware's cvt and torch do).
+__device__ __forceinline__ float half_bits_to_float(unsigned short h) {
+    const unsigned int sign = ((unsigned int)h & 0x8000u) << 16;
+    const unsigned int bits = (unsigned int)h & 0x7fffu;
+    if (bits >= 0x7c00u) {
+        const unsigned int quiet = bits > 0x7c00u ? 0x00400000u : 0u;
+        return __uint_as_float(sign | 0x7f800000u | ((bits & 0x3ffu) << 13) | quiet);
+    }
+    return __fmul_rn(__uint_as_float(sign | (bits << 13)), 5.192296858534828e33f);  // 2^112, exact in fp32
+}
+
 struct LoadF16 {  // exact half -> float conversion (denormals, inf and NaN included)
     typedef unsigned short T;
     static __device__ __forceinline__ float load(const unsigned short* p, long long i) {
-        float f;
-        unsigned short h = p[i];
-        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-        return f;
+        return half_bits_to_float(p[i]);
     }
 };
 

@@ -2,7 +2,7 @@
 
 `ModelConfig` is built either from a checkpoint directory (`ModelConfig.from_checkpoint`: the
 Qwen2.5-VL `config.json` plus the diffusers configs under `diffusion-decoder/`) or from a preset
-(`preset_config("tiny" | "small" | "4b" | "8b")`). Shapes follow spec §1.4 (DiT), §1.6 (decoder)
+(`preset_config("tiny" | "small" | "4b" | "8b")`). Shapes follow docs/model_spec.md §1.4 (DiT), §1.6 (decoder)
 and §2 (Qwen2.5-VL). Nothing here touches tensors; derived runtime values (KV pool size, ...) live
 elsewhere.
 """
@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointNotFoundError, ConfigError
+from .errors import CheckpointNotFoundError, ConfigError, InputError
 
-# model_type values a BLIP3-o checkpoint may carry (spec §3): the training class saves
+# model_type values a BLIP3-o checkpoint may carry (docs/model_spec.md §3): the training class saves
 # "blip3o_qwen", the inference class registers "blip3o_qwen_inference". Plain Qwen2.5-VL
 # checkpoints load too (chat only: they have no latent queries / DiT).
 BLIP3O_MODEL_TYPES = ("blip3o_qwen", "blip3o_qwen_inference")
@@ -69,7 +69,7 @@ def _same_value(value: Any, accepted: tuple[Any, ...]) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
-# Qwen2.5-VL language model (spec §2)
+# Qwen2.5-VL language model (docs/model_spec.md §2)
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class TextConfig:
 
 
 # ------------------------------------------------------------------------------------------------
-# Qwen2.5-VL vision transformer (spec §2)
+# Qwen2.5-VL vision transformer (docs/model_spec.md §2)
 
 
 @dataclass(frozen=True)
@@ -136,11 +136,11 @@ class VisionConfig:
 
 
 # ------------------------------------------------------------------------------------------------
-# NextDiT cross-attention DiT (spec §1.4)
+# NextDiT cross-attention DiT (docs/model_spec.md §1.4)
 
 
 def lumina_ffn_hidden_size(dim: int, multiple_of: int = 256) -> int:
-    """FFN width diffusers <= 0.32 LuminaFeedForward gives for inner_dim = 4*dim (spec §1.4 note).
+    """FFN width diffusers <= 0.32 LuminaFeedForward gives for inner_dim = 4*dim (docs/model_spec.md §1.4 note).
 
     2/3 of 4*dim, rounded up to a multiple of 256: 1792 -> 4864, which is what the released
     checkpoints store.
@@ -175,7 +175,7 @@ class DiTConfig:
 
     @property
     def time_embed_dim(self) -> int:
-        """Width of the timestep/caption conditioning vector: min(hidden, 1024) (spec §1.4)."""
+        """Width of the timestep/caption conditioning vector: min(hidden, 1024) (docs/model_spec.md §1.4)."""
         return min(self.hidden_size, 1024)
 
     @property
@@ -184,7 +184,7 @@ class DiTConfig:
 
 
 # ------------------------------------------------------------------------------------------------
-# SDXL-type decoder (spec §1.6), field names as in diffusers' config.json
+# SDXL-type decoder (docs/model_spec.md §1.6), field names as in diffusers' config.json
 
 
 @dataclass(frozen=True)
@@ -302,7 +302,7 @@ class VAEConfig:
 
 
 # ------------------------------------------------------------------------------------------------
-# Samplers (spec §1.5, §1.6)
+# Samplers (docs/model_spec.md §1.5, §1.6)
 
 
 @dataclass(frozen=True)
@@ -447,10 +447,28 @@ class ModelConfig:
             raise ConfigError("this model has no pixel decoder")
         return self.unet.sample_size * self.vae.scale_factor
 
+    @property
+    def image_size_step(self) -> int:
+        """Output sides must be multiples of this (32 for the real models): the latent (pixels / VAE
+        scale) must survive the UNet's (n-1) downsamplings."""
+        if self.unet is None or self.vae is None:
+            raise ConfigError("this model has no pixel decoder")
+        return self.vae.scale_factor * 2 ** (len(self.unet.block_out_channels) - 1)
+
+    def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width) in pixels for a request (None = native); InputError off the size step.
+        The upper bound and the types are ImageParams' checks."""
+        native = self.default_image_size
+        height, width = height or native, width or native
+        step = self.image_size_step
+        if height % step or width % step:
+            raise InputError(f"height and width must be multiples of {step}, got {height}x{width}")
+        return height, width
+
     # -------------------------------------------------------------------------------- I/O
 
     def to_hf_dict(self, token_ids: dict[str, int] | None = None) -> dict[str, Any]:
-        """The checkpoint's root config.json (Qwen2_5_VLConfig layout + BLIP3-o fields, spec §3).
+        """The checkpoint's root config.json (Qwen2_5_VLConfig layout + BLIP3-o fields, docs/model_spec.md §3).
 
         `token_ids`: special-token fields (bos_token_id, image_token_id, ...) from the tokenizer.
         """
@@ -536,7 +554,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Presets (ARCHITECTURE §5)
+# Presets (docs/ARCHITECTURE.md §5)
 
 
 def _real_config(name: str, hidden: int, inter: int, layers: int, heads: int, kv: int, tie: bool) -> ModelConfig:
@@ -621,7 +639,7 @@ TRAINED_PRESETS = ("demo",)
 # Presets over the tiny tokenizer, by name.
 _SMALL_PRESETS = {"demo": _demo_config, "tiny": _tiny_config, "small": _small_config}
 
-# Qwen2.5-VL-3B (BLIP3o-4B) and Qwen2.5-VL-7B (BLIP3o-8B), spec §2.
+# Qwen2.5-VL-3B (BLIP3o-4B) and Qwen2.5-VL-7B (BLIP3o-8B), docs/model_spec.md §2.
 _REAL = {
     "4b": dict(hidden=2048, inter=11008, layers=36, heads=16, kv=2, tie=True),
     "8b": dict(hidden=3584, inter=18944, layers=28, heads=28, kv=4, tie=False),
@@ -641,6 +659,44 @@ def preset_config(name: str, vocab_size: int | None = None) -> ModelConfig:
         _require(vocab_size is not None, f"preset {name!r} needs the tokenizer's vocab_size")
         return _SMALL_PRESETS[key](vocab_size)
     raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)} or pass a checkpoint path")
+
+
+def model_config(model: str | Path) -> ModelConfig:
+    """The config of what `Engine.from_pretrained(model)` loads, read without its weights (so that a
+    command line checks its arguments in a second, not after minutes of loading): a checkpoint
+    directory's config files, or a preset's (tiny/small write their checkpoint on first use)."""
+    name = str(model)
+    if name.lower() in PRESETS and not Path(name).is_dir():
+        if name.lower() in _REAL:
+            return preset_config(name.lower())
+        from .tiny import preset_checkpoint  # tiny imports this module
+
+        return ModelConfig.from_checkpoint(preset_checkpoint(name.lower()))
+    if not Path(name).is_dir():
+        raise CheckpointNotFoundError(f"{name!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
+    return ModelConfig.from_checkpoint(name)
+
+
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def device_from_name(device: Any):
+    """'cpu' | 'cuda' | 'cuda:N' | torch.device -> torch.device, or ConfigError naming the valid ones."""
+    import torch
+
+    try:
+        dev = torch.device(device.strip().lower() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise ConfigError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {str(device)!r} requested but CUDA is not available")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"device {str(device)!r} does not exist: this machine has cuda:0 .. cuda:{count - 1}")
+    return dev
 
 
 def dtype_from_name(name: str):
@@ -663,6 +719,7 @@ def dtype_from_name(name: str):
 
 __all__ = [
     "TextConfig", "VisionConfig", "DiTConfig", "UNetConfig", "VAEConfig", "FlowSchedulerConfig",
-    "EulerSchedulerConfig", "ModelConfig", "preset_config", "PRESETS", "TRAINED_PRESETS", "dtype_from_name",
+    "EulerSchedulerConfig", "ModelConfig", "preset_config", "model_config", "PRESETS", "TRAINED_PRESETS",
+    "DEVICE_TYPES", "device_from_name", "dtype_from_name",
     "lumina_ffn_hidden_size",
 ]

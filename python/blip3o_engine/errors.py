@@ -55,3 +55,24 @@ class InputError(Blip3oError, ValueError):
 
 class CapacityError(Blip3oError, RuntimeError):
     """A request can never fit the engine's configured capacity (e.g. prompt longer than the KV pool)."""
+
+
+class OverloadedError(Blip3oError, RuntimeError):
+    """The engine has as many admitted requests as it accepts (`AsyncEngine`'s max_pending): retry later."""
+
+
+class EngineShutdownError(Blip3oError, RuntimeError):
+    """The engine is shutting down (or shut down) and takes no new requests."""
+
+
+class EngineDeadError(Blip3oError, RuntimeError):
+    """The engine's step loop died; nothing more can run on this engine (a server reports it unhealthy)."""
+
+
+class RequestFailedError(Blip3oError, RuntimeError):
+    """One request's work failed inside the engine (the engine itself goes on serving the others)."""
+
+
+class ExportError(Blip3oError):
+    """An exported artifact cannot be written or used: a tampered file (sha256 differs from its manifest),
+    a manifest of another engine or format version, a missing stage, or a missing optional package."""

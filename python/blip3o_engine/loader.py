@@ -1,6 +1,6 @@
 """Checkpoint loading: safetensors only, lazily, straight into the target dtype and device.
 
-Published BLIP3o-Model-4B/8B layout (spec §3):
+Published BLIP3o-Model-4B/8B layout (docs/model_spec.md §3):
 
     config.json, tokenizer files, preprocessor_config.json
     model.safetensors                  or  model-0000k-of-0000n.safetensors + model.safetensors.index.json
@@ -39,7 +39,7 @@ from .errors import (CheckpointNotFoundError, CorruptCheckpointError, MissingKey
 # silently mis-converted.
 _LOADABLE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
-# Root-checkpoint prefixes that exist in released checkpoints but are unused at inference (spec §3).
+# Root-checkpoint prefixes that exist in released checkpoints but are unused at inference (docs/model_spec.md §3).
 SKIPPED_ROOT_PREFIXES = ("model.gen_vision_tower.", "model.down_projector.")
 
 

@@ -2,7 +2,7 @@
 
 Chat uses the checkpoint's chat template (Qwen2-VL's) and expands each `<|image_pad|>` to one token
 per merged ViT patch, as transformers' Qwen2_5_VLProcessor does. T2I uses the exact template of the
-official inference script (spec §1.2) followed by `[IMG]`; the 64 queries are added by the model.
+official inference script (docs/model_spec.md §1.2) followed by `[IMG]`; the 64 queries are added by the model.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from PIL import Image, UnidentifiedImageError
 from .errors import InputError
 from .tokenization import SpecialTokens
 
-# The official inference prompt (spec §1.2, main:inference.py:86-91,112).
+# The official inference prompt (docs/model_spec.md §1.2, main:inference.py:86-91,112).
 T2I_TEMPLATE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                 "Please generate image based on the following caption: {prompt}<|im_end|>\n<|im_start|>assistant\n")
-# The null prompt of the decoder's CFG: stage 1 on the raw text " ", no template (spec §1.6).
+# The null prompt of the decoder's CFG: stage 1 on the raw text " ", no template (docs/model_spec.md §1.6).
 UNCOND_T2I_TEXT = " "
-# Image-conditioned generation resizes the input to 448x448, aspect ignored (spec §1.8).
+# Image-conditioned generation resizes the input to 448x448, aspect ignored (docs/model_spec.md §1.8).
 T2I_IMAGE_SIZE = 448
 _ROLES = ("system", "user", "assistant")
 
@@ -35,7 +35,7 @@ class PreparedPrompt:
     token_ids: list[int]
     pixel_values: torch.Tensor | None = None  # [N_patches, C*T*P*P] as the image processor emits
     image_grid_thw: list[tuple[int, int, int]] = field(default_factory=list)
-    use_mrope: bool = True  # chat: 3-D M-RoPE for image tokens; T2I: sequential 1-D (spec §1.8)
+    use_mrope: bool = True  # chat: 3-D M-RoPE for image tokens; T2I: sequential 1-D (docs/model_spec.md §1.8)
 
 
 def load_image(image: Any) -> Image.Image:
@@ -119,6 +119,11 @@ class PromptBuilder:
         self.special = special
         self.merge = merge_size
 
+    def _tokenize(self, text: str) -> list[int]:
+        # verbose=False: no "indexing errors" warning for a text past the tokenizer's model_max_length;
+        # the Engine checks every prompt against the model's context and raises InputError instead.
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
     def _process_images(self, images: list[Image.Image]) -> tuple[torch.Tensor | None, list[tuple[int, int, int]]]:
         if not images:
             return None, []
@@ -131,7 +136,7 @@ class PromptBuilder:
         if msgs[-1]["role"] == "assistant":
             raise InputError("the last message must not be from the assistant (nothing to answer)")
         text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self._tokenize(text)
         pixel_values, grids = self._process_images(images)
         ids = expand_image_pads(ids, grids, self.special.image_pad, self.merge)
         return PreparedPrompt(ids, pixel_values, grids, use_mrope=True)
@@ -139,7 +144,7 @@ class PromptBuilder:
     def t2i(self, prompt: str, image: Any | None = None) -> PreparedPrompt:
         """The stage-1 prompt: templated caption (+ optional image) then `[IMG]`.
 
-        With an image (spec §1.8) the official pipeline swaps a caller-placed `<image>` for
+        With an image (docs/model_spec.md §1.8) the official pipeline swaps a caller-placed `<image>` for
         `<|vision_start|>` + pads + `<|vision_end|>`; we place it at the start of the user turn,
         as Qwen's template places images before text.
         """
@@ -151,8 +156,7 @@ class PromptBuilder:
             img = load_image(image).resize((T2I_IMAGE_SIZE, T2I_IMAGE_SIZE), Image.BICUBIC)
             pixel_values, grids = self._process_images([img])
             text = text.replace("<|im_start|>user\n", "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>", 1)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids = expand_image_pads(ids, grids, self.special.image_pad, self.merge)
+        ids = expand_image_pads(self._tokenize(text), grids, self.special.image_pad, self.merge)
         return PreparedPrompt(ids + [self.special.img_start], pixel_values, grids, use_mrope=False)
 
     def t2i_uncond(self) -> PreparedPrompt:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import TRAINED_PRESETS, ModelConfig, VAEConfig, preset_config
-from .errors import CheckpointNotFoundError
+from .errors import CheckpointNotFoundError, InputError
 from .tokenization import build_tiny_tokenizer
 
 RANDOM_PRESETS = ("tiny", "small")  # random-weight presets, written to the cache dir on first use
@@ -61,10 +61,17 @@ def preset_checkpoint(name: str) -> Path:
 
 
 def make_tiny_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, num_shards: int = 2) -> Path:
-    """Write tokenizer, processor config, config.json, sharded safetensors and diffusion-decoder/."""
-    from .models.blip3o import random_model
+    """Write tokenizer, processor config, config.json, sharded safetensors and diffusion-decoder/.
 
-    out = Path(out_dir)
+    `out_dir` must be new or an empty directory (nothing of the user's is overwritten); a path that is
+    a file, not empty, or not writable raises InputError before anything is written."""
+    from .models.blip3o import random_model
+    from .params import MAX_SEED
+
+    # The weights draw from `seed` and the VAE encoder's from `seed + 1` (torch.Generator's range).
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < MAX_SEED):
+        raise InputError(f"seed must be an int in [0, 2**64 - 2], got {seed!r}")
+    out = _empty_output_dir(Path(out_dir))
     vocab_size = write_processor_files(out, preset)
     cfg = preset_config(preset, vocab_size=vocab_size)
     model = random_model(cfg, seed=seed)
@@ -104,6 +111,21 @@ def write_model_files(out_dir: str | Path, model, num_shards: int = 1, dtype: to
     _write_decoder(model, model.cfg, out / "diffusion-decoder", vae_extra or {})
 
 
+def _empty_output_dir(out: Path) -> Path:
+    """Create `out` (and its parents) or check that it is an empty directory we can write into."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise InputError(f"{out} exists and is not a directory")
+        if out.is_dir() and any(out.iterdir()):
+            raise InputError(f"{out} is not empty: choose a new or empty directory for the checkpoint")
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent that is a file, no permission, read-only file system, ...
+        raise InputError(f"cannot create {out}: {e.strerror or e}") from e
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise InputError(f"{out} is not writable")
+    return out
+
+
 def _config_token_ids(tokenizer_dir: Path) -> dict[str, int]:
     """The special-token fields of a Qwen2.5-VL config.json, looked up in the tiny tokenizer."""
     vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())
@@ -114,7 +136,7 @@ def _config_token_ids(tokenizer_dir: Path) -> dict[str, int]:
 
 
 def _root_state(model) -> dict[str, torch.Tensor]:
-    """Published key layout of the root checkpoint (spec §3)."""
+    """Published key layout of the root checkpoint (docs/model_spec.md §3)."""
     state = {f"visual.{k}": v for k, v in model.visual.state_dict().items()}
     for k, v in model.text.state_dict().items():
         state[k if k == "lm_head.weight" else f"model.{k}"] = v
@@ -144,7 +166,7 @@ def _save_sharded(state: dict[str, torch.Tensor], out: Path, num_shards: int) ->
 
 
 def _write_decoder(model, cfg: ModelConfig, dec: Path, vae_extra: dict[str, torch.Tensor]) -> None:
-    """diffusers layout with bf16 variant files, as the released diffusion-decoder/ (spec §1.6)."""
+    """diffusers layout with bf16 variant files, as the released diffusion-decoder/ (docs/model_spec.md §1.6)."""
     from safetensors.torch import save_file
 
     for sub in ("unet", "vae", "scheduler"):

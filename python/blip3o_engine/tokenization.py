@@ -2,7 +2,7 @@
 
 The tokenizer and the Qwen2-VL image processor come from transformers (the well-kept implementation
 of both); this module only finds them in a checkpoint directory, looks the special tokens up by
-their text (never by hard-coded id: the Qwen3 branch moves them, spec §6), and builds the small
+their text (never by hard-coded id: the Qwen3 branch moves them, docs/model_spec.md §6), and builds the small
 byte-level BPE tokenizer the `tiny` checkpoint ships.
 """
 
@@ -38,7 +38,7 @@ QWEN2_VL_CHAT_TEMPLATE = (
 )
 
 # Qwen2.5's special tokens in their published id order (151643...), then the three BLIP3-o adds
-# at training time (spec §1.2). The tiny tokenizer appends them after its BPE vocabulary in the
+# at training time (docs/model_spec.md §1.2). The tiny tokenizer appends them after its BPE vocabulary in the
 # same order, so relative layout matches the real checkpoints.
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -59,7 +59,7 @@ class SpecialTokens:
     """Ids of the tokens the engine must know, looked up from the tokenizer (and checked against
     config.json where it names them)."""
 
-    img_start: int  # "[IMG]": appended after a T2I prompt, before the 64 queries (spec §1.2)
+    img_start: int  # "[IMG]": appended after a T2I prompt, before the 64 queries (docs/model_spec.md §1.2)
     image_pad: int  # "<|image_pad|>": one per merged ViT patch
     vision_start: int
     vision_end: int

@@ -1,5 +1,5 @@
-"""PixelDecoder on CUDA (skipped without one): bf16 parity with the fp32 CPU reference, CUDA-graph
-and compiled steps against the eager step, and no recompiles across steps and requests."""
+"""PixelDecoder on CUDA (skipped without one): bf16 parity with the fp32 CPU reference, CUDA-graph and
+compiled steps against the eager step, batch buckets, and no recompiles across steps and requests."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ import torch
 from blip3o_engine import Engine
 from blip3o_engine.runtime import reference
 from blip3o_engine.runtime.pixel_decoder import PixelDecoder
+from _gpu_util import graph_cache  # tests/gpu is on sys.path under pytest
 
 pytestmark = pytest.mark.gpu
 
 
-def _decoder(engine: Engine, **kw) -> PixelDecoder:
+def _decoder(engine: Engine, use_cuda_graph: bool = True, **kw) -> PixelDecoder:
     m = engine.model
     return PixelDecoder(m.unet, m.vae, engine.cfg.vae.scaling_factor, engine.cfg.decoder_scheduler,
-                        engine.device, m.dtype, **kw)
+                        engine.device, m.dtype, graphs=graph_cache("decoder", use_cuda_graph), **kw)
 
 
 def _inputs(engine: Engine, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,14 +66,14 @@ def true_fp32():
 
 def test_bf16_decoder_tracks_fp32_reference(tiny_engine, gpu_bf16):
     """Compiled + graphed bf16 on the GPU vs the fp32 CPU reference, judged against what torch's own
-    bf16 gives: the reference path in bf16 on the same GPU (ARCHITECTURE §7.9: at most 2x that)."""
+    bf16 gives: the reference path in bf16 on the same GPU (docs/ARCHITECTURE.md §7.9: at most 2x that)."""
     feats, noise = _inputs(tiny_engine, 2, seed=1)
     uncond = tiny_engine.uncond_features()  # the fp32 CPU null features on both sides
     steps, guidance = 20, 3.0
     img32, lat32 = _reference_latents(tiny_engine, feats, uncond, noise, steps, guidance)
     img_ref16, lat_ref16 = _reference_latents(gpu_bf16, feats, uncond, noise, steps, guidance)
     dec = _decoder(gpu_bf16)
-    assert dec.compile and dec.use_cuda_graph  # the CUDA defaults
+    assert dec.compile and dec.graphs.enabled  # the CUDA defaults
     lat16 = dec.sample_latents(feats, uncond, noise, steps, guidance)
     img16 = dec.latents_to_pixels(lat16)
     assert lat16.dtype == torch.bfloat16 and img16.device.type == "cuda" and img16.dtype == torch.uint8
@@ -119,14 +120,29 @@ def test_no_recompiles_across_steps_and_requests(tiny_engine, gpu_bf16):
     feats, noise = _inputs(tiny_engine, 2, seed=3)
     first = dec.decode(feats, uncond, noise, 6, 3.0)
     assert counters["stats"]["unique_graphs"] - graphs == 2  # the step and the VAE tail, once each
-    assert len(dec._captured) == 1
+    assert len(dec.graphs) == 1  # batch 2 -> bucket 2
     feats2, noise2 = _inputs(tiny_engine, 2, seed=4)
     with torch._dynamo.config.patch(error_on_recompile=True):
         second = dec.decode(feats2, uncond, noise2, 9, 2.5)  # other inputs, steps and guidance
         third = dec.decode(feats, uncond, noise, 6, 3.0)
     assert counters["stats"]["unique_graphs"] - graphs == 2
-    assert len(dec._captured) == 1  # same shape: the same captured graph
+    assert len(dec.graphs) == 1  # same shape: the same captured graph
     # The same request again gives the same image: nothing carries over between requests (stale
     # static buffers would be O(1) off). One level allows for a non-deterministic kernel.
     assert (third.int() - first.int()).abs().max() <= 1
     assert (second.int() - first.int()).abs().float().mean() > 5
+
+
+def test_batch_buckets_pad_and_replay_the_same_graph(tiny_engine, gpu_fp32, true_fp32):
+    """Batches of 3 and 4 images run the bucket-4 graph (the 3-image batch padded with a discarded row); images
+    joining mid-way (continuous batching) land in the same graphs; results equal eager per image."""
+    dec = _decoder(gpu_fp32, compile=False, max_batch=4)
+    eager = _decoder(gpu_fp32, compile=False, use_cuda_graph=False, max_batch=4)
+    feats, noise = _inputs(tiny_engine, 4, seed=5)
+    uncond = gpu_fp32.uncond_features()
+    three = dec.sample_latents(feats[:3], uncond, noise[:3], 5, 3.0)
+    four = dec.sample_latents(feats, uncond, noise, 5, 3.0)
+    side = gpu_fp32.cfg.unet.sample_size
+    assert set(dec.graphs._graphs) == {((side, side), 4)} and dec.graphs.num_captures == 1
+    assert rel_err(three, eager.sample_latents(feats[:3], uncond, noise[:3], 5, 3.0)) < 1e-6
+    assert rel_err(four, eager.sample_latents(feats, uncond, noise, 5, 3.0)) < 1e-6

@@ -1,7 +1,7 @@
 """CUDA C++ kernels (kernels/cuda/*.cu): the NVRTC compile gate, the loader, and `prepare_logits`.
 
-- Compile gate (no GPU): every `.cu` compiles through the runtime's own NVRTC path for sm_80 and sm_90a,
-  with no register spills; skipped, with the reason, only where cuda-python / libnvrtc are missing.
+- Compile gate (no GPU): every `.cu` compiles through the runtime's own NVRTC path for exactly the archs
+  an A100 and an H100/H200 load (sm_80, sm_90), with no register spills; skipped, with the reason, only where cuda-python / libnvrtc are missing.
 - CPU: `prepare_logits_ref` against sampling/text.py row by row (bitwise), its semantics (duplicate ids,
   pads, ties at the k-th value), the wrapper's checks, the custom op's fake impl, and the lazy import.
 - GPU (`gpu` marker): the kernel against the ref, bit for bit (the kernel promises identical IEEE ops and
@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -38,27 +37,38 @@ def _nvrtc_or_skip() -> tuple[int, int]:
 # Compile gate and loader (no GPU).
 
 
-def test_every_cu_file_compiles_for_sm80_and_sm90a():
+def test_the_gate_builds_what_a100_and_h100_load():
+    """`device_arch` picks the exact `sm_XY` cubin a GPU loads (an H100/H200 loads sm_90, never sm_90a), or
+    PTX for a GPU newer than NVRTC; the gate must compile those very archs."""
+    _nvrtc_or_skip()
+    supported = nvrtc.supported_archs()
+    assert nvrtc.GATE_CAPABILITIES == (80, 90)
+    assert nvrtc.gate_archs() == ("sm_80", "sm_90")
+    assert nvrtc.gate_archs() == tuple(nvrtc.arch_for_capability(cc, supported) for cc in (80, 90))
+    assert nvrtc.arch_for_capability(86, [75, 80, 90]) == "compute_80"  # no exact cubin: PTX, JIT-compiled
+    with pytest.raises(nvrtc.CudaError, match="older than"):
+        nvrtc.arch_for_capability(70, [75, 80])
+
+
+def test_every_cu_file_compiles_for_the_gate_archs():
     version = _nvrtc_or_skip()
     assert version[0] == 13, f"NVRTC {version}: the GPU driver is CUDA 13.0, pin nvidia-cuda-nvrtc==13.0.*"
-    start = time.perf_counter()
     rows = nvrtc.compile_all()
-    seconds = time.perf_counter() - start
     files = {p.name for p in nvrtc.cuda_sources()}
     assert files >= set(ENTRIES), "a known .cu file is missing from kernels/cuda"
-    assert {(name, arch) for name, arch, _, _ in rows} == {(f, a) for f in files for a in nvrtc.GATE_ARCHS}
+    assert {(name, arch) for name, arch, _, _ in rows} == {(f, a) for f in files for a in nvrtc.gate_archs()}
     for name, arch, _, image in rows:
         assert image[:4] == b"\x7fELF", f"{name} {arch}: not a cubin"
         for entry in ENTRIES.get(name, ()):  # extern "C" names stay unmangled in the symbol table
             assert entry.encode() in image, f"{name} {arch}: entry {entry} missing"
-    # Budget: ~2 s per (file, arch) on a 2-core machine; the gate must stay cheap for CI.
-    assert seconds < 60, f"compile gate took {seconds:.1f} s"
+    # No timed budget (it would fail on a loaded machine, not on a change): ~2 s per (file, arch) on 2 cores.
 
 
-@pytest.mark.parametrize("arch", nvrtc.GATE_ARCHS)
-def test_sampling_kernels_do_not_spill(arch):
+@pytest.mark.parametrize("capability", nvrtc.GATE_CAPABILITIES)
+def test_sampling_kernels_do_not_spill(capability):
     """1024 threads per block caps registers at 64; a spill would put local-memory traffic in every pass."""
     _nvrtc_or_skip()
+    arch = nvrtc.arch_for_capability(capability, nvrtc.supported_archs())
     log: list[str] = []
     source = (nvrtc.CUDA_DIR / "sampling.cu").read_text()
     nvrtc.compile_source(source, "sampling.cu", arch, options=["--ptxas-options=-v"], log=log)

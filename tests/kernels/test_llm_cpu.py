@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from blip3o_engine.ops import llm_cpu
-from blip3o_engine.ops import llm_ops as ops
+from blip3o_engine import ops
 from test_llm_kernels import CONFIGS, _lens, _mrope_inputs, _upcast_batch, assert_close_to_ref, make_batch
 
 DTYPES = [torch.float32, torch.float16]

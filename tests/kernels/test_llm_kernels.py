@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from blip3o_engine.config import TextConfig
 from blip3o_engine.models import qwen2_5_vl as qwen
-from blip3o_engine.ops import llm_ops as ops
-from blip3o_engine.ops.dit_ops import force_triton
+from blip3o_engine import ops
+from blip3o_engine.ops.attention import DenseAttention, causal_mask
+from blip3o_engine.ops import force_triton
 from _kernel_util import randomized  # tests/kernels is on sys.path under pytest
 
 CPU_DTYPES = [torch.float32, torch.float16]
@@ -38,7 +39,7 @@ def assert_close_to_ref(out: torch.Tensor, ref: torch.Tensor, oracle: torch.Tens
     """Kernel output vs the reference (same inputs) and vs an fp32 oracle (the ref on upcast inputs).
 
     fp32: kernel and ref differ in summation order and the last ulp of rsqrt/exp only: within `ulps`
-    fp32 ulps of the largest |ref|. Half precision (ARCHITECTURE §7.9): the kernel's error against the
+    fp32 ulps of the largest |ref|. Half precision (docs/ARCHITECTURE.md §7.9): the kernel's error against the
     fp32 oracle is at most `half_factor` times the reference's own error; `min_identical` (elementwise
     ops that round where the reference rounds) also asks that fraction of elements to be bit-identical.
     """
@@ -191,9 +192,9 @@ def test_paged_decode_attention(cfg, dtype, launches):
 
 def _full_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The model's attention over one whole contiguous sequence: q `[n, Hq, d]`, k, v `[n, Hkv, d]` ->
-    `[n, Hq, d]` through qwen2_5_vl.causal_mask and SDPA, as TextAttention computes it (no cache)."""
+    `[n, Hq, d]` through ops.attention.causal_mask and SDPA, as the dense backend computes it (no cache)."""
     n, group = q.shape[0], q.shape[1] // k.shape[1]
-    mask = qwen.causal_mask(0, n, None, q.device)  # [1, 1, n, n]
+    mask = causal_mask(0, n, None, q.device)  # [1, 1, n, n]
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.repeat_interleave(group, 1).transpose(0, 1)[None],
                                          v.repeat_interleave(group, 1).transpose(0, 1)[None], attn_mask=mask)
     return out[0].transpose(0, 1)
@@ -318,8 +319,9 @@ def test_silu_and_mul(dtype, launches):
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 def test_refs_equal_model_pieces(dtype):
-    """RMSNorm, the decoder layer's residual + norm, M-RoPE (mrope_cos_sin + rotate_half) and the MLP:
-    bit for bit."""
+    """The model's pieces over the ops: RMSNorm, the layer's fused residual + norm (x + r == r + x), the MLP on
+    a fused gate/up GEMM, and M-RoPE looked up in the kernels' table vs computed from the positions (the dense
+    forward's way): bit for bit."""
     g = torch.Generator().manual_seed(3)
     cfg = TextConfig(hidden_size=128, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
                      mrope_section=(4, 6, 6), num_hidden_layers=1, vocab_size=64)
@@ -335,12 +337,12 @@ def test_refs_equal_model_pieces(dtype):
         assert torch.equal(mlp.down_proj(ops.silu_and_mul_ref(gate_up)), mlp(x))
 
     q, k, positions = _mrope_inputs(4, 4, 2, cfg.head_dim, dtype)
-    cos, sin = qwen.mrope_cos_sin(positions[:, None], cfg, dtype)  # [1, T, d]
-    cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, d], broadcast over heads as in TextAttention
+    inv_freq = qwen.rope_inv_freq(cfg.head_dim, cfg.rope_theta)
+    cos, sin = ops.mrope_cos_sin_from_freqs(positions, inv_freq, cfg.mrope_section, dtype)  # [T, 1, d]
     cache = ops.rope_cos_sin_cache(cfg.head_dim, cfg.rope_theta, 64)
     q_rot, k_rot = ops.mrope_rotary_ref(q, k, positions, cache, cfg.mrope_section)
-    assert torch.equal(q_rot, q * cos + qwen.rotate_half(q) * sin)
-    assert torch.equal(k_rot, k * cos + qwen.rotate_half(k) * sin)
+    assert torch.equal(q_rot, q * cos + ops.rotate_half(q) * sin)
+    assert torch.equal(k_rot, k * cos + ops.rotate_half(k) * sin)
 
 
 def test_refs_equal_text_attention():
@@ -365,12 +367,12 @@ def test_refs_equal_text_attention():
         v_cache = k_cache.clone()
         block_table = torch.tensor([[4, 1, 5, 0]], dtype=torch.int32)
         table = ops.rope_cos_sin_cache(d, cfg.rope_theta, 64)
+        inv_freq = qwen.rope_inv_freq(d, cfg.rope_theta)
         done = 0
         for pos, x in steps:
             length = x.shape[0]
-            cos, sin = qwen.mrope_cos_sin(pos[:, None], cfg, torch.float32)
-            mask = qwen.causal_mask(done, length, None, x.device)
-            expected = attn(x[None], cos, sin, mask, cache)[0]  # [L, H]
+            dense = DenseAttention(pos[:, None], inv_freq, cfg.mrope_section, torch.float32, cache)
+            expected = attn(x[None], dense)[0]  # [L, H]: the model's layer with its contiguous cache
 
             q = attn.q_proj(x).view(length, hq, d)
             k, v = attn.k_proj(x).view(length, hkv, d), attn.v_proj(x).view(length, hkv, d)
@@ -458,7 +460,7 @@ def _small_op_args() -> dict[str, tuple]:
         "rms_norm": (x, x[0], EPS),
         "fused_add_rms_norm": (x, x * 2, x[0], EPS),
         "mrope_rotary": (q, k, positions, ops.rope_cos_sin_cache(32, 1e6, 64), [4, 6, 6]),
-        "silu_and_mul": (x,),
+        "swiglu": (x[:, :12], x[:, 12:]),  # silu_and_mul's kernel: the two halves of one fused projection
     }
 
 

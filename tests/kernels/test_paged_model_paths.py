@@ -1,8 +1,8 @@
-"""`PagedTextModel.forward` end to end on both of its attention paths, vs the reference module.
+"""The text model's one forward (`run_layers`) over the paged attention backends, vs the dense reference.
 
-The kernel path (per-layer `llm_ops`, i.e. the Triton kernels — what runs on CUDA) is run here in Triton's
-interpreter with the fused q/k/v views, the fused gate/up GEMM and the in-major weights the model sets up;
-the CPU path plans each step once (`ops/llm_cpu.py`). Both run the same three steps — a packed prefill of
+The kernel backend (`PagedKernelAttention`: per-layer `llm_ops`, i.e. the Triton kernels — what runs on CUDA)
+is run here in Triton's interpreter with the fused q/k/v views, the fused gate/up GEMM and the in-major
+weights the engine's runner sets up; the CPU backend plans each step once (`ops/llm_cpu.py`). Both run the same three steps — a packed prefill of
 two sequences, a mixed step (a prefill chunk beside a decode), then a pure decode step — and their logits
 are compared with `Qwen2_5_VLTextModel` run on each whole sequence with its contiguous KV cache.
 
@@ -14,13 +14,16 @@ layers of the tiny model compound that to ~1e-6 relative; 2e-5 leaves room witho
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from blip3o_engine.config import preset_config
 from blip3o_engine.models.blip3o import random_model
-from blip3o_engine.ops.dit_ops import force_triton
-from blip3o_engine.runtime.paged_model import PagedTextModel
+from blip3o_engine.ops import force_triton
+from blip3o_engine.ops.attention import paged_attention
+from blip3o_engine.runtime.model_runner import cpu_in_major
 
 BLOCK = 4
 
@@ -38,17 +41,19 @@ def _reference_logits(text, ids: list[int]) -> torch.Tensor:
 
 
 class PagedRun:
-    """Two sequences on shuffled physical blocks; `step` runs their next chunks through the paged model."""
+    """Two sequences on shuffled physical blocks; `step` runs their next chunks through the paged forward."""
 
-    def __init__(self, model: PagedTextModel, seqs: list[list[int]]) -> None:
-        self.model, self.seqs = model, seqs
+    def __init__(self, text, seqs: list[list[int]]) -> None:
+        self.text, self.seqs = text, seqs
         need = [-(-len(s) // BLOCK) for s in seqs]
         physical = torch.randperm(sum(need) + 2, generator=torch.Generator().manual_seed(0)).tolist()
         self.tables = torch.full((len(seqs), max(need)), -1, dtype=torch.int32)
         it = iter(physical)
         for s, n in enumerate(need):
             self.tables[s, :n] = torch.tensor([next(it) for _ in range(n)], dtype=torch.int32)
-        self.caches = model.allocate_kv_caches(len(physical), BLOCK)
+        shape = (len(physical), BLOCK, text.cfg.num_key_value_heads, text.cfg.head_dim)
+        self.caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in text.layers]
+        self.cos_sin = text.rope_table(64)
         self.done = [0] * len(seqs)
 
     def step(self, new: list[int], decode: bool) -> torch.Tensor:
@@ -61,16 +66,18 @@ class PagedRun:
                 slots.append(int(self.tables[s, p // BLOCK]) * BLOCK + p % BLOCK)
             cu.append(cu[-1] + n)
             self.done[s] += n
-        x = self.model.embed(torch.tensor(ids))
+        text = self.text
         positions = torch.tensor(pos, dtype=torch.int32).expand(3, -1).contiguous()
-        cu_t = None if decode else torch.tensor(cu, dtype=torch.int32)
-        last = torch.tensor(cu[1:]) - 1
-        return self.model.forward(x, positions, self.caches, torch.tensor(slots, dtype=torch.int32), self.tables,
-                                  torch.tensor(self.done, dtype=torch.int32), cu_t, last)
+        attn = paged_attention(positions, self.cos_sin, text.cfg.mrope_section, torch.float32, self.caches,
+                               torch.tensor(slots, dtype=torch.int32), self.tables,
+                               torch.tensor(self.done, dtype=torch.int32),
+                               None if decode else torch.tensor(cu, dtype=torch.int32), text.cfg.head_dim ** -0.5)
+        h = text.run_layers(text.embed(torch.tensor(ids)), attn)  # [T, H]
+        return text.compute_logits(text.norm(h[torch.tensor(cu[1:]) - 1]))
 
 
-def _run_three_steps(model: PagedTextModel, seqs: list[list[int]]) -> list[torch.Tensor]:
-    run = PagedRun(model, seqs)
+def _run_three_steps(text, seqs: list[list[int]]) -> list[torch.Tensor]:
+    run = PagedRun(text, seqs)
     return [run.step([5, 9], decode=False),  # packed prefill, both end mid-block
             run.step([1, 8], decode=False),  # a decode (q_len 1) beside a chunk over a cached prefix
             run.step([1, 1], decode=True)]  # pure decode step
@@ -92,19 +99,25 @@ def _sequences() -> list[list[int]]:
     return [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (7, 18)]
 
 
-@torch.inference_mode()
-def test_cpu_path_matches_the_reference_module(text_model):
-    seqs = _sequences()
-    model = PagedTextModel(text_model, max_positions=64)
-    _assert_close(_run_three_steps(model, seqs), _expected(text_model, seqs))
+@pytest.fixture(scope="module")
+def fused_model(text_model):
+    """A copy with the engine's fused projections and CPU in-major layout (the reference keeps its own)."""
+    fused = copy.deepcopy(text_model)
+    fused.fuse_projections(cpu_in_major)
+    return fused
 
 
 @torch.inference_mode()
-def test_kernel_path_matches_the_reference_module(text_model, launches):
+def test_cpu_path_matches_the_reference_module(text_model, fused_model):
     seqs = _sequences()
-    model = PagedTextModel(text_model, max_positions=64)
+    _assert_close(_run_three_steps(fused_model, seqs), _expected(text_model, seqs))
+
+
+@torch.inference_mode()
+def test_kernel_path_matches_the_reference_module(text_model, fused_model, launches):
+    seqs = _sequences()
     with force_triton():
-        got = _run_three_steps(model, seqs)
+        got = _run_three_steps(fused_model, seqs)
     n = len(text_model.layers)
     # Every op of every layer of the three steps (2 prefill, 1 decode) ran as a kernel: nothing fell back.
     # Norms per step: the first input norm, 2n - 1 fused add+norms, the final norm.

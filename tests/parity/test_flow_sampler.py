@@ -2,21 +2,21 @@
 
 The sampler computes the same function as `reference.sample_clip_features` in a different order
 (hoisted condition and tables, fused GEMMs, the cross gate folded into V), so in fp32 it cannot be
-bit-identical. The tolerance follows ARCHITECTURE §7.9: against a float64 run of the same loop, the
+bit-identical. The tolerance follows docs/ARCHITECTURE.md §7.9: against a float64 run of the same loop, the
 sampler's error must be at most twice the fp32 reference's own error.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import pytest
 import torch
 
 from blip3o_engine.errors import InputError
 from blip3o_engine.runtime import reference
-from blip3o_engine.runtime.flow_sampler import FlowSampler, bucket_size
+from blip3o_engine.runtime.cuda_graphs import batch_buckets, bucket_for
+from blip3o_engine.runtime.flow_sampler import ChunkInputs, FlowSampler
 from blip3o_engine.sampling.flow_match import flow_match_sigmas
 
 PROMPTS = ["a red apple on a wooden table", "a blue car", "a lighthouse at night, oil painting"]
@@ -79,7 +79,7 @@ def test_features_match_reference(model, sampler, dit64, conds, noise, batch, gu
     truth = sample_fp64(dit64, cond, z, steps, guidance)
     assert feats.shape == expected.shape == (batch, model.cfg.n_query, model.cfg.dit.in_channels)
     assert feats.dtype == torch.float32
-    # fp32, different summation order: no worse than 2x the reference's own fp32 error (§7.9).
+    # fp32, different summation order: no worse than 2x the reference's own fp32 error (docs/ARCHITECTURE.md §7.9).
     # Measured: ratio 0.7-1.1, both ~2e-7 (no CFG) to ~7e-7 (CFG 3 amplifies the difference by 5).
     ref_err = rel_err(expected, truth)
     assert 0 < ref_err < 1e-5
@@ -99,29 +99,47 @@ def test_rows_are_independent(sampler, conds, noise) -> None:
 
 def test_padded_bucket_rows_equal_unpadded(sampler, conds, noise) -> None:
     """The graph path pads a batch to its bucket with null rows; checked here through the eager loop."""
-    assert [bucket_size(b) for b in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
+    assert [bucket_for(b, batch_buckets(16)) for b in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
+    assert batch_buckets(6) == [1, 2, 4, 6] and bucket_for(7, batch_buckets(6)) is None
     for guidance in (3.0, 1.0):
-        plan = sampler.plan(3, 7, guidance, conds.shape[1], noise.shape[-1])
-        padded = dataclasses.replace(plan, bucket=4)
-        inputs = sampler.prepare(padded, conds, noise, guidance)
+        padded = sampler.begin(conds, noise, 7, guidance, bucket=4)
         rows = 8 if guidance > 1 else 4
-        assert inputs.kv.shape[2] == inputs.mod.shape[3] == inputs.final_scale.shape[1] == rows
-        assert inputs.x0.shape[0] == 4 and not inputs.x0[3].any()
-        out = sampler.run(padded, conds, noise, guidance)
+        assert padded.kv.shape[2] == padded.caption_emb.shape[0] == rows
+        assert padded.x.shape[0] == 4 and not padded.x[3].any()
+        sampler.advance(padded, 7)
+        out = sampler.result(padded)
+        unpadded = sampler.begin(conds, noise, 7, guidance)
+        sampler.advance(unpadded, 7)
         # As test_rows_are_independent: only the row count differs (measured: bitwise equal here).
-        assert out.shape[0] == 3 and rel_err(out, sampler.run(plan, conds, noise, guidance)) < 2e-6
+        assert out.shape[0] == 3 and rel_err(out, sampler.result(unpadded)) < 2e-6
+
+
+def test_chunks_give_the_whole_loop(sampler, conds, noise) -> None:
+    """The step loop advances a DiT batch a few steps per engine step: chunks of 3 (and one of 1) give what
+    one 7-step chunk gives, and a chunk's tables are the whole schedule's rows (so, bitwise here)."""
+    whole = sampler.begin(conds[:2], noise[:2], 7, 3.0)
+    sampler.advance(whole, 7)
+    chunked = sampler.begin(conds[:2], noise[:2], 7, 3.0)
+    dones = []
+    while not sampler.advance(chunked, 3):
+        dones.append(chunked.done)
+    assert dones == [3, 6] and chunked.finished
+    assert torch.equal(sampler.result(chunked), sampler.result(whole))
+    with pytest.raises(RuntimeError, match="done 0 of 7"):
+        sampler.result(sampler.begin(conds[:1], noise[:1], 7, 3.0))
 
 
 def test_static_buffers_give_the_same_loop(sampler, conds, noise) -> None:
-    """What a graph replay relies on: zeroed static buffers of the plan's shape, filled by copy_, run
-    the loop exactly like the freshly built inputs."""
+    """What a graph replay relies on: static buffers of a chunk's shape, filled by copy_, run the chunk
+    exactly like the freshly built inputs."""
     for guidance in (3.0, 1.0):
-        plan = sampler.plan(2, 5, guidance, conds.shape[1], noise.shape[-1])
-        inputs = sampler.prepare(plan, conds[:2], noise[:2], guidance)
-        static = sampler._empty_inputs(plan.bucket, plan.steps, plan.cfg, plan.num_tokens, plan.grid)
+        run = sampler.begin(conds[:2], noise[:2], 5, guidance)
+        inputs = sampler._chunk_inputs(run, 5)
+        static = ChunkInputs(*(torch.zeros_like(t) if t is not None else None for t in (
+            inputs.x, inputs.kv, inputs.mod, inputs.final_scale, inputs.dts, inputs.guidance)))
         static.copy_(inputs)
         with torch.inference_mode():
-            assert torch.equal(sampler._loop(static), sampler._loop(inputs))
+            assert torch.equal(sampler._chunk(static), sampler._chunk(inputs))
 
 
 def test_null_condition_and_schedule_computed_once(model, conds, noise) -> None:
@@ -149,8 +167,7 @@ def test_null_condition_and_schedule_computed_once(model, conds, noise) -> None:
 def test_modulation_tables_equal_reference_at_each_step(model, sampler, conds, noise) -> None:
     steps, guidance = 7, 3.0
     dit = model.dit
-    plan = sampler.plan(2, steps, guidance, conds.shape[1], noise.shape[-1])
-    inputs = sampler.prepare(plan, conds[:2], noise[:2], guidance)
+    inputs = sampler._chunk_inputs(sampler.begin(conds[:2], noise[:2], steps, guidance), steps)
     caption = torch.cat([torch.zeros_like(conds[:2]), conds[:2]])  # [2B, Q, H], uncond first
     _, timesteps = flow_match_sigmas(steps)
     seen: dict[str, torch.Tensor] = {}
@@ -179,7 +196,7 @@ def test_callback_and_checks(sampler, conds, noise) -> None:
     calls: list[tuple[int, int]] = []
     sampler.sample(conds[:1], noise[:1], 4, 3.0, callback=lambda i, n: calls.append((i, n)))
     assert calls == [(0, 4), (1, 4), (2, 4), (3, 4)]
-    assert not FlowSampler(sampler.dit, "cpu", torch.float32, use_cuda_graph=True).use_cuda_graph
+    assert not sampler.graphs.enabled  # CPU: no graph cache, every chunk eager
     with pytest.raises(InputError):
         sampler.sample(conds[0], noise[:1], 4, 3.0)  # cond without batch dim
     with pytest.raises(InputError):

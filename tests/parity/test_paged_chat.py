@@ -1,4 +1,4 @@
-"""Chat through the paged, continuously batched AR engine (`runtime/llm_engine.py`) vs the reference
+"""Chat through the paged, continuously batched AR stage (`runtime/ar_stage.py`) vs the reference
 backend (`reference.generate_text`, one request at a time, contiguous KV cache) on the tiny checkpoint
 in fp32.
 
@@ -16,12 +16,11 @@ import json
 import pytest
 import torch
 
-from blip3o_engine import CapacityError, SamplingParams
+from blip3o_engine import InputError, SamplingParams
 from blip3o_engine.runtime import reference
-from blip3o_engine.runtime.engine import Engine
-from blip3o_engine.runtime.llm_engine import LLMEngine
-from blip3o_engine.runtime.model_runner import RunnerConfig
-from _paged_util import Recorder  # tests/parity is on sys.path under pytest
+from blip3o_engine.runtime.ar_stage import ARStage
+from blip3o_engine.runtime.cuda_graphs import CapturedGraph, GraphCache
+from _paged_util import Recorder, ar_stage, optimized_engine  # tests/parity is on sys.path (tests/conftest.py)
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 SYSTEM = {"role": "system", "content": "You are a careful assistant who answers in full sentences. " * 3}
@@ -52,25 +51,21 @@ def ref(tiny_engine):
     return run
 
 
-def optimized(tiny_engine, **cfg) -> Engine:
-    """An optimized-backend Engine sharing the reference engine's weights."""
-    return Engine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.prompts.image_processor, backend="optimized",
-                  runner_config=RunnerConfig(**cfg))
+def optimized(tiny_engine, **cfg):
+    return optimized_engine(tiny_engine, **cfg)
 
 
-def llm(tiny_engine, long_prefill_chunk=None, **cfg) -> LLMEngine:
-    return LLMEngine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.special, RunnerConfig(**cfg),
-                     long_prefill_chunk=long_prefill_chunk)
+def llm(tiny_engine, num_blocks: int, **cfg) -> ARStage:
+    return ar_stage(tiny_engine, num_blocks, **cfg)
 
 
-
-def run_to_end(le: LLMEngine, tiny_engine, requests: dict[str, tuple[list, SamplingParams]]) -> dict:
+def run_to_end(le: ARStage, tiny_engine, requests: dict[str, tuple[list, SamplingParams]]) -> dict:
     for rid, (messages, params) in requests.items():
         le.add_request(rid, tiny_engine.prompts.chat(messages), params)
     return drain(le)
 
 
-def drain(le: LLMEngine, done: dict | None = None) -> dict:
+def drain(le: ARStage, done: dict | None = None) -> dict:
     done = {} if done is None else done
     while le.has_unfinished():
         for out in le.step():
@@ -80,7 +75,7 @@ def drain(le: LLMEngine, done: dict | None = None) -> dict:
     return done
 
 
-def assert_pool_clean(le: LLMEngine) -> None:
+def assert_pool_clean(le: ARStage) -> None:
     le.kv.check_invariants()
     assert le.kv.num_free_blocks == le.kv.num_blocks
 
@@ -102,7 +97,7 @@ def test_mixed_batch_across_block_boundaries(tiny_engine, ref):
         ids, text, finish = ref(m, p)
         assert (r.token_ids, r.text, r.finish_reason) == (ids, text, finish)
         assert r.prompt_tokens == len(tiny_engine.prompts.chat(m).token_ids)
-    assert_pool_clean(eng.llm_engine)
+    assert_pool_clean(eng._ar)
     assert eng.chat(MIXED[1], params[1]).token_ids == results[1].token_ids  # single chat, same path
 
 
@@ -122,7 +117,7 @@ def test_matches_transformers_greedy(tiny_engine, tiny_dir):
 
 
 def test_prefix_cache_hits_keep_tokens(tiny_engine, ref):
-    le = llm(tiny_engine, block_size=4, num_blocks=128, max_num_seqs=4, max_num_batched_tokens=256)
+    le = llm(tiny_engine, 128, block_size=4, max_num_seqs=4, max_num_batched_tokens=256)
     rec = Recorder(le)
     # Same prompt twice, the second after the first finished: all full prompt blocks are hits.
     first = run_to_end(le, tiny_engine, {"a": (MIXED[2], GREEDY)})["a"]
@@ -143,7 +138,7 @@ def test_prefix_cache_hits_keep_tokens(tiny_engine, ref):
 
 
 def test_chunked_prefill(tiny_engine, ref):
-    le = llm(tiny_engine, long_prefill_chunk=5, block_size=4, num_blocks=128, max_num_seqs=4,
+    le = llm(tiny_engine, 128, long_prefill_chunk=5, block_size=4, max_num_seqs=4,
              max_num_batched_tokens=7)
     rec = Recorder(le)
     done = run_to_end(le, tiny_engine, {str(i): (m, GREEDY) for i, m in enumerate(MIXED)})
@@ -157,7 +152,7 @@ def test_chunked_prefill(tiny_engine, ref):
 def test_preemption_by_a_tiny_pool(tiny_engine, ref):
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     # Each request fits alone (<= 15 blocks of 4), all three together do not.
-    le = llm(tiny_engine, block_size=4, num_blocks=16, max_num_seqs=4, max_num_batched_tokens=256)
+    le = llm(tiny_engine, 16, block_size=4, max_num_seqs=4, max_num_batched_tokens=256)
     rec = Recorder(le)
     msgs = [user("Describe a red apple."), user("Describe a blue sky."), user("Describe a green leaf.")]
     done = run_to_end(le, tiny_engine, {str(i): (m, params) for i, m in enumerate(msgs)})
@@ -167,7 +162,7 @@ def test_preemption_by_a_tiny_pool(tiny_engine, ref):
 
 
 def test_abort_in_the_middle(tiny_engine, ref):
-    le = llm(tiny_engine, block_size=4, num_blocks=96, max_num_seqs=4, max_num_batched_tokens=256)
+    le = llm(tiny_engine, 96, block_size=4, max_num_seqs=4, max_num_batched_tokens=256)
     for i, m in enumerate(MIXED[:3]):
         le.add_request(str(i), tiny_engine.prompts.chat(m), GREEDY)
     for _ in range(4):
@@ -189,7 +184,7 @@ def test_images_batched_with_text(tiny_engine, ref, test_image):
     for r, m in zip(results, convs):
         assert (r.token_ids, r.text, r.finish_reason) == ref(m)
     # The same image prompt again is served from the prefix cache (image hash included) unchanged.
-    le = eng.llm_engine
+    le = eng._ar
     rec = Recorder(le)
     again = eng.chat(with_image, GREEDY)
     assert again.token_ids == results[1].token_ids
@@ -199,7 +194,7 @@ def test_images_batched_with_text(tiny_engine, ref, test_image):
 
 def test_seeded_sampling_reproducible_and_batch_independent(tiny_engine, ref):
     sampled = SamplingParams(max_tokens=12, temperature=0.9, top_k=40, top_p=0.9, seed=1234, ignore_eos=True)
-    le = llm(tiny_engine, block_size=4, num_blocks=128, max_num_seqs=8, max_num_batched_tokens=256)
+    le = llm(tiny_engine, 128, block_size=4, max_num_seqs=8, max_num_batched_tokens=256)
     alone = run_to_end(le, tiny_engine, {"s": (MIXED[1], sampled)})["s"]
     batch = {"x": (MIXED[0], GREEDY), "s": (MIXED[1], sampled), "y": (MIXED[2], SamplingParams(
         max_tokens=5, temperature=1.0, seed=1)), "z": (MIXED[3], GREEDY)}
@@ -232,12 +227,14 @@ def test_stop_strings_and_stream(tiny_engine, ref):
         ref_pieces = list(tiny_engine.chat_stream(MIXED[1], p))
         assert len(ref_pieces) > 1 and "".join(ref_pieces) == tiny_engine.chat(MIXED[1], p).text
         assert ref_pieces == list(eng.chat_stream(MIXED[1], p))
-    assert_pool_clean(eng.llm_engine)
+    assert_pool_clean(eng._ar)
 
 
 def test_engine_request_interface_and_capacity(tiny_engine, ref):
     eng = optimized(tiny_engine, block_size=4, num_blocks=12)
-    with pytest.raises(CapacityError):  # a 48-token pool: "Hi." (33 prompt tokens) fits, the long prompt not
+    # A 48-token pool caps max_model_len: "Hi." (33 prompt tokens) fits, the long prompt not.
+    assert eng.max_model_len == 48 and "capped by the KV pool" in " ".join(eng.memory_plan().notes)
+    with pytest.raises(InputError, match=r"max_model_len\) of 48 tokens \(capped by the KV pool"):
         eng.add_request("big", MIXED[2], GREEDY)
     eng.add_request("r", MIXED[0], GREEDY)
     with pytest.raises(ValueError):
@@ -254,23 +251,28 @@ def test_decode_bucket_padding_on_cpu(tiny_engine, ref):
     """The CUDA-graph decode path's bookkeeping (static buffers, padding a batch to its bucket with rows
     that neither write nor read the cache) emulated on CPU: each 'graph' reruns the decode forward
     over the static buffers into a fixed output tensor, as a replay would."""
-    le = llm(tiny_engine, block_size=4, num_blocks=96, max_num_seqs=8, max_num_batched_tokens=256)
+    le = llm(tiny_engine, 96, block_size=4, max_num_seqs=8, max_num_batched_tokens=256)
     runner = le.runner
-    runner._decode_rows = torch.arange(8)
     replays = []
 
-    class EagerGraph:
-        def __init__(self, bs: int) -> None:
-            self.bs = bs
-            self.out = torch.empty(bs, tiny_engine.cfg.text.vocab_size)
+    class EmulatedGraphs(GraphCache):
+        """Captures nothing: a 'graph' reruns its closure over the static buffers, as a replay would."""
 
-        def replay(self) -> None:
-            replays.append(self.bs)
-            self.out.copy_(runner._decode_forward(self.bs))
+        def __init__(self) -> None:
+            super().__init__("emulated", None, False, max_graphs=8)
+            self.enabled = True
 
-    for bs in (1, 2, 4, 8):
-        g = EagerGraph(bs)
-        runner._graphs[bs] = (g, g.out)
+        def _capture(self, run):
+            out = run()
+
+            class Replay:
+                @staticmethod
+                def replay() -> None:
+                    replays.append(out.shape[0])
+                    out.copy_(run())
+            return CapturedGraph(Replay, out)
+
+    runner.graphs, runner.buckets = EmulatedGraphs(), [1, 2, 4, 8]
     done = run_to_end(le, tiny_engine, {str(i): (m, GREEDY) for i, m in enumerate(MIXED[:3])})
     assert replays and set(replays) == {4}  # three decoding sequences pad to the 4-bucket
     for i, m in enumerate(MIXED[:3]):
@@ -286,9 +288,8 @@ def test_image_request_preempted_after_its_features_were_dropped(tiny_engine, re
     calls = []
     forward = visual.forward
     monkeypatch.setattr(visual, "forward", lambda *a: calls.append(1) or forward(*a))
-    le = LLMEngine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.special,
-                   RunnerConfig(block_size=4, num_blocks=28, max_num_seqs=4, max_num_batched_tokens=256),
-                   enable_prefix_caching=False)
+    le = llm(tiny_engine, 28, block_size=4, max_num_seqs=4, max_num_batched_tokens=256,
+             enable_prefix_caching=False)
     rec = Recorder(le)
     text = user("Describe a red apple.")
     done = run_to_end(le, tiny_engine, {"t": (text, params), "img": (with_image, params)})

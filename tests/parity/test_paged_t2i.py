@@ -1,4 +1,4 @@
-"""Text-to-image stage-1 prefill through the paged AR engine (`LLMEngine.add_t2i_request`) vs the
+"""Text-to-image stage-1 prefill through the paged AR stage (`ARStage.add_t2i_request`) vs the
 reference (`reference.encode_t2i_prompt`: one contiguous prefill over prompt + latent queries) on the
 tiny checkpoint in fp32.
 
@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from blip3o_engine import SamplingParams
+import numpy as np
+
+from blip3o_engine import ImageParams, SamplingParams
 from blip3o_engine.prompts import T2I_IMAGE_SIZE
 from blip3o_engine.runtime import reference
-from blip3o_engine.runtime.engine import Engine
-from blip3o_engine.runtime.llm_engine import LLMEngine
-from blip3o_engine.runtime.model_runner import RunnerConfig
-from _paged_util import Recorder  # tests/parity is on sys.path under pytest
+from blip3o_engine.runtime.ar_stage import ARStage
+from _paged_util import Recorder, ar_stage, optimized_engine  # tests/parity is on sys.path (tests/conftest.py)
 
 STATE_REL_TOL = 1e-5
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -58,13 +58,11 @@ def image_prompt(tiny_engine, test_image):
     return tiny_engine.prompts.t2i("make it blue", test_image)
 
 
-def llm(tiny_engine, long_prefill_chunk=None, enable_prefix_caching=True, **cfg) -> LLMEngine:
-    return LLMEngine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.special, RunnerConfig(**cfg),
-                     enable_prefix_caching=enable_prefix_caching, long_prefill_chunk=long_prefill_chunk)
+def llm(tiny_engine, num_blocks: int, **cfg) -> ARStage:
+    return ar_stage(tiny_engine, num_blocks, **cfg)
 
 
-
-def drain(le: LLMEngine) -> dict:
+def drain(le: ARStage) -> dict:
     done = {}
     while le.has_unfinished():
         for out in le.step():
@@ -87,7 +85,7 @@ def assert_states(out, prompt, ref_states) -> None:
 
 
 def test_single_prompt(tiny_engine, t2i_prompts, ref_states):
-    le = llm(tiny_engine, block_size=4, num_blocks=64)
+    le = llm(tiny_engine, 64, block_size=4)
     le.add_t2i_request("t", t2i_prompts[1])
     assert_states(drain(le)["t"], t2i_prompts[1], ref_states)
 
@@ -95,7 +93,7 @@ def test_single_prompt(tiny_engine, t2i_prompts, ref_states):
 def test_mixed_lengths_chunked_across_blocks_and_queries(tiny_engine, t2i_prompts, ref_states):
     """Three prompts of different lengths (each ends at another offset in a 4-token block), a 24-token
     step budget and 10-token chunks: prompts and query rows are split across steps."""
-    le = llm(tiny_engine, long_prefill_chunk=10, block_size=4, num_blocks=128, max_num_batched_tokens=24)
+    le = llm(tiny_engine, 128, long_prefill_chunk=10, block_size=4, max_num_batched_tokens=24)
     rec = Recorder(le)
     for i, p in enumerate(t2i_prompts):
         le.add_t2i_request(str(i), p)
@@ -109,7 +107,7 @@ def test_mixed_lengths_chunked_across_blocks_and_queries(tiny_engine, t2i_prompt
 
 
 def test_image_conditioned_prompt(tiny_engine, t2i_prompts, image_prompt, ref_states):
-    le = llm(tiny_engine, block_size=4, num_blocks=256, max_num_batched_tokens=64)
+    le = llm(tiny_engine, 256, block_size=4, max_num_batched_tokens=64)
     le.add_t2i_request("img", image_prompt)
     le.add_t2i_request("txt", t2i_prompts[0])
     done = drain(le)
@@ -119,7 +117,7 @@ def test_image_conditioned_prompt(tiny_engine, t2i_prompts, image_prompt, ref_st
 
 def test_batched_with_chat_in_the_same_steps(tiny_engine, t2i_prompts, ref_states):
     chats = [user("Describe a red apple on a wooden table, please."), user("Why?")]
-    le = llm(tiny_engine, long_prefill_chunk=16, block_size=4, num_blocks=160, max_num_batched_tokens=40)
+    le = llm(tiny_engine, 160, long_prefill_chunk=16, block_size=4, max_num_batched_tokens=40)
     rec = Recorder(le)
     le.add_request("c0", tiny_engine.prompts.chat(chats[0]), GREEDY)
     le.step()
@@ -143,7 +141,7 @@ def test_prefix_cache_shares_prompts_never_queries(tiny_engine, t2i_prompts, ref
     with the same tokens (text only: same positions, same KV) is shared with T2I."""
     prompt = t2i_prompts[2]
     n = len(prompt.token_ids)
-    le = llm(tiny_engine, block_size=4, num_blocks=128)
+    le = llm(tiny_engine, 128, block_size=4)
     rec = Recorder(le)
     le.add_t2i_request("a", prompt)
     first = drain(le)["a"]
@@ -172,7 +170,7 @@ def test_image_blocks_not_shared_with_chat(tiny_engine, image_prompt, ref_states
                                          {"type": "text", "text": "Please generate image based on the following "
                                                                   "caption: make it blue"}]}])
     assert chat.token_ids == image_prompt.token_ids[:-1]
-    le = llm(tiny_engine, block_size=4, num_blocks=256, max_num_batched_tokens=512)
+    le = llm(tiny_engine, 256, block_size=4, max_num_batched_tokens=512)
     rec = Recorder(le)
     le.add_request("c", chat, SamplingParams(max_tokens=1, temperature=0.0))
     drain(le)
@@ -187,7 +185,7 @@ def test_preempted_and_aborted(tiny_engine, t2i_prompts, ref_states):
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     # 30 blocks of 4: each request fits alone (T2I: 28 blocks), not both; the T2I prefill comes in
     # 8-token chunks, so it is still running when the pool runs dry and, the newer one, is preempted.
-    le = llm(tiny_engine, long_prefill_chunk=8, block_size=4, num_blocks=30, max_num_batched_tokens=256,
+    le = llm(tiny_engine, 30, long_prefill_chunk=8, block_size=4, max_num_batched_tokens=256,
              enable_prefix_caching=False)
     rec = Recorder(le)
     le.add_request("c", tiny_engine.prompts.chat(user("Describe a red apple.")), params)
@@ -201,30 +199,27 @@ def test_preempted_and_aborted(tiny_engine, t2i_prompts, ref_states):
     assert drain(le) == {}
 
 
-def test_engine_routes_t2i_prefill_beside_chat_requests(tiny_engine, t2i_prompts):
-    """Optimized Engine: once its AR engine exists, encode() runs through it; a chat request queued with
-    add_request keeps going and its outputs come from the next step() calls."""
-    eng = Engine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.prompts.image_processor,
-                 backend="optimized", runner_config=RunnerConfig(block_size=4, num_blocks=128))
-    padded = eng._t2i_runner().encode(t2i_prompts[:2])  # no AR engine yet: the left-padded batch
-    assert eng._llm is None
+def test_engine_t2i_beside_user_chat(tiny_engine, t2i_prompts, ref_states):
+    """Optimized Engine: T2I prefills always run through the paged AR stage. encode_prompt computes alone
+    (between steps) what the reference computes; an image generated while a user's chat request (queued with
+    add_request) is running equals the image generated with nothing else in flight; the chat's outputs come
+    from the next step() calls and equal the reference's tokens."""
+    eng = optimized_engine(tiny_engine, block_size=4, num_blocks=128)
     messages = user("Describe a red apple on a wooden table, please.")
     eng.add_request("chat", messages, GREEDY)
     outs = eng.step()
-    calls = []
-    add = eng.llm_engine.add_t2i_request
-    eng.llm_engine.add_t2i_request = lambda *a: calls.append(a[0]) or add(*a)
-    paged = eng._t2i_runner().encode(t2i_prompts[:2])  # [2, Q, H]
-    assert len(calls) == 2 and paged.shape == padded.shape
-    for i in range(2):
-        # fp32, both paths differ from the reference only by summation order (~1e-6).
-        assert rel_err(paged[i], padded[i]) < STATE_REL_TOL
+    assert rel_err(eng.encode_prompt(CAPTIONS[1]), ref_states(t2i_prompts[1])) < STATE_REL_TOL
+    params = ImageParams(seed=3, dit_steps=3, decoder_steps=3)
+    busy = np.asarray(eng.generate_image(CAPTIONS[1], params).image, dtype=np.int16)
     while eng.has_unfinished():
         outs += eng.step()
     assert [o.request_id for o in outs] == ["chat"] * len(outs) and outs[-1].finished
     want = reference.generate_text(tiny_engine.model, tiny_engine.prompts.chat(messages), GREEDY,
                                    tiny_engine.tokenizer, tiny_engine.special)
     assert (outs[-1].token_ids, outs[-1].text, outs[-1].finish_reason) == want
-    assert not eng._inbox
-    eng.llm_engine.kv.check_invariants()
-    assert eng.llm_engine.kv.num_free_blocks == eng.llm_engine.kv.num_blocks
+    idle = optimized_engine(tiny_engine, block_size=4, num_blocks=128)
+    alone = np.asarray(idle.generate_image(CAPTIONS[1], params).image, dtype=np.int16)
+    assert np.abs(busy - alone).max() <= 1  # batch composition moves fp32 GEMMs by ~1e-6 at most
+    assert torch.equal(eng.uncond_features(params), idle.uncond_features(params))  # computed alone: bitwise
+    eng._ar.kv.check_invariants()
+    assert eng._ar.kv.num_free_blocks == eng._ar.kv.num_blocks and not eng.has_unfinished()

@@ -18,9 +18,11 @@ import torch
 from blip3o_engine.config import TextConfig, VisionConfig
 from blip3o_engine.errors import InputError
 from blip3o_engine.models.qwen2_5_vl import (
-    KVCache, Qwen2_5_VisionTransformer, Qwen2_5_VLTextModel, RMSNorm, get_mrope_positions, mrope_cos_sin,
-    vision_position_ids, vision_windows,
+    KVCache, Qwen2_5_VisionTransformer, Qwen2_5_VLTextModel, RMSNorm, get_mrope_positions, vision_position_ids,
+    vision_windows,
 )
+from blip3o_engine.models.qwen2_5_vl import rope_inv_freq
+from blip3o_engine.ops.llm_ops import mrope_cos_sin as _mrope_cos_sin, mrope_cos_sin_from_freqs, rope_cos_sin_cache
 
 transformers = pytest.importorskip("transformers")
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
@@ -44,6 +46,16 @@ PIXEL_WIDTH = VISION.in_channels * VISION.temporal_patch_size * VISION.patch_siz
 # orders: agreement to ~1e-6 is typical; 2e-5 absolute on O(1) logits leaves room without hiding a
 # real bug (a wrong position or mask changes logits by > 1e-2).
 ATOL_FP32 = 2e-5
+
+
+def mrope_cos_sin(pos: torch.Tensor, cfg: TextConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense model's M-RoPE cos/sin `[B, L, d]` for positions `[3, B, L]` (head dim squeezed); the paged
+    engine's table lookup must give exactly the same values."""
+    cos, sin = mrope_cos_sin_from_freqs(pos, rope_inv_freq(cfg.head_dim, cfg.rope_theta), cfg.mrope_section, dtype)
+    table_cos, table_sin = _mrope_cos_sin(pos, rope_cos_sin_cache(cfg.head_dim, cfg.rope_theta, 64),
+                                          cfg.mrope_section, dtype)
+    assert torch.equal(cos, table_cos) and torch.equal(sin, table_sin)
+    return cos[..., 0, :], sin[..., 0, :]
 
 
 def hf_config(tie: bool) -> Qwen2_5_VLConfig:

@@ -1,8 +1,8 @@
 """FLOP / byte / parameter counters of `bench.costs` against (1) hand derivations from the published
-8B/4B shapes and the rounded numbers of spec §4, and (2) PyTorch's own FlopCounterMode run over
+8B/4B shapes and the rounded numbers of docs/model_spec.md §4, and (2) PyTorch's own FlopCounterMode run over
 the reference modules on the meta device (same shapes, no memory, exact counts).
 
-Tolerances: spec §4 prints rounded numbers, so a count passes when it *rounds to the printed
+Tolerances: docs/model_spec.md §4 prints rounded numbers, so a count passes when it *rounds to the printed
 number* (`rounds_to`), which is as strict as the spec allows. Counts derived here by hand, and the
 FlopCounterMode cross-checks, must match exactly (integer arithmetic; float64 holds these sums
 exactly, far below 2**53).
@@ -33,7 +33,7 @@ def rounds_to(value: float, printed: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
-# Hand derivations from the published shapes (spec §2, §4)
+# Hand derivations from the published shapes (docs/model_spec.md §2, §4)
 
 # Qwen2.5-7B decoder layer: q (+bias) 3584², k/v (+bias) 3584x(4 kv heads x 128), o 3584², SwiGLU
 # 3 x 3584 x 18944, two RMSNorms.
@@ -50,7 +50,7 @@ def test_llm_params_match_spec():
     p8, p4 = costs.llm_params(C8.text), costs.llm_params(C4.text)
     assert p8["layers"] == LAYERS_8B and p8["lm_head"] == LM_HEAD_8B
     assert p4["layers"] == LAYERS_4B and p4["lm_head"] == 0 and p4["embed"] == EMBED_4B
-    assert rounds_to(p8["layers"] / G, "6.526") and rounds_to(p4["layers"] / G, "2.775")  # spec §4 table
+    assert rounds_to(p8["layers"] / G, "6.526") and rounds_to(p4["layers"] / G, "2.775")  # docs/model_spec.md §4 table
     assert rounds_to(p8["lm_head"] / G, "0.544") and rounds_to(p4["embed"] / G, "0.311")
 
 
@@ -84,7 +84,7 @@ def _matmul_weights(layers: int, layer: int, hidden: int, kv: int) -> int:
     (C8, 28, LAYER_8B, 512, 1405, "18.3"), (C4, 36, LAYER_4B, 256, 1405, "7.8"),
 ])
 def test_prefill_flops_reconcile_with_spec(cfg, layers, layer, kv, tokens, printed):
-    """Spec §4's prefill FLOPs count the weight matmuls only (2 FLOPs per weight per token); ours add
+    """docs/model_spec.md §4's prefill FLOPs count the weight matmuls only (2 FLOPs per weight per token); ours add
     causal attention, 2 x 2 x width x (L(L+1)/2) per layer. At 1405 tokens that is +2.2% (8B) /
     +3.7% (4B), visible against the spec's 18.3 / 7.8 TFLOP; the rest is rounding."""
     h = cfg.text.hidden_size
@@ -104,7 +104,7 @@ def test_prefill_weight_bytes_match_spec():
 
 
 def test_dit_params_and_step_flops_8b():
-    # Per block (spec §1.4): 7 x 1792² attention projections (q,k,v self; q,k,v,out cross),
+    # Per block (docs/model_spec.md §1.4): 7 x 1792² attention projections (q,k,v self; q,k,v,out cross),
     # SwiGLU 3 x 1792 x 4864, adaLN 1024 -> 4 x 1792 (+bias), 4 LayerNorms (q/k of both attentions,
     # weight+bias), 5 RMSNorms, 28 gates.
     block = 7 * 1792**2 + 3 * 1792 * 4864 + (1024 * 4 * 1792 + 4 * 1792) + 4 * 2 * 1792 + 5 * 1792 + 28
@@ -132,7 +132,7 @@ def test_dit_params_and_step_flops_8b():
 
 
 def test_unet_params_and_step_flops():
-    # Spec §1.6: an analytic count of the SDXL layout with 1792-d cross-attention is 2,525,520,644,
+    # docs/model_spec.md §1.6: an analytic count of the SDXL layout with 1792-d cross-attention is 2,525,520,644,
     # matching the 5.05 GB bf16 file.
     assert costs.unet_params(C8.unet) == 2_525_520_644
     step = costs.unet_step(C8.unet, batch=2, height=128, width=128)
@@ -154,7 +154,7 @@ def test_vae_and_vit_match_spec():
 
 
 def test_per_image_total_matches_spec():
-    # Spec §4: ≈ 695 TFLOP per 1024² image (30 unhoisted DiT steps, 50 UNet steps), UNet ≈ 97%.
+    # docs/model_spec.md §4: ≈ 695 TFLOP per 1024² image (30 unhoisted DiT steps, 50 UNet steps), UNet ≈ 97%.
     unet = 50 * costs.unet_step(C8.unet, 2, 128, 128)
     total = costs.llm_prefill(C8.text, 98) + 30 * costs.dit_step(C8.dit, 2) + unet + costs.vae_decode(C8.vae, 1, 128)
     assert rounds_to(total.flops / T, "695") and rounds_to(unet.flops / total.flops, "0.97")

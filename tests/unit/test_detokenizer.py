@@ -16,8 +16,6 @@ import pytest
 
 from blip3o_engine.params import SamplingParams
 from blip3o_engine.runtime.detokenizer import IncrementalDetokenizer
-from blip3o_engine.runtime.llm_engine import LLMEngine
-from blip3o_engine.runtime.model_runner import RunnerConfig
 from blip3o_engine.runtime.reference import find_stop_string, stop_token_ids
 from blip3o_engine.tokenization import load_tokenizer
 
@@ -199,9 +197,10 @@ def full_decode_stream(tok, script: list[int], params: SamplingParams, stops: se
 
 
 def run_scripted(tiny_engine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list]:
-    """Run the requests together through an LLMEngine whose sampler plays each request's script."""
-    le = LLMEngine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.special,
-                   RunnerConfig(block_size=4, num_blocks=128, max_num_seqs=8, max_num_batched_tokens=256))
+    """Run the requests together through an AR stage whose sampler plays each request's script."""
+    from _paged_util import ar_stage  # tests/parity/_paged_util.py
+
+    le = ar_stage(tiny_engine, 128, block_size=4, max_num_seqs=8, max_num_batched_tokens=256)
     le._sample = lambda logits, states: [requests[st.request.request_id][0][st.request.num_output_tokens]
                                          for st in states]
     prompt = tiny_engine.prompts.chat([{"role": "user", "content": "Hi."}])

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from blip3o_engine import (
+    MAX_SEED,
     CheckpointNotFoundError,
     ConfigError,
     Engine,
@@ -93,8 +94,9 @@ def test_stop_token_and_ignore_eos(tiny_engine, greedy16):
     full = greedy16.token_ids
     fake_eos = full[3]
     first = full.index(fake_eos)
-    engine = copy.copy(tiny_engine)  # shares the model; only the special-token table differs
-    engine.special = dataclasses.replace(tiny_engine.special, im_end=fake_eos)
+    # A new engine over the same weights whose special-token table (seen by its AR stage) differs.
+    engine = Engine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.prompts.image_processor)
+    engine.special = engine._ar.special = dataclasses.replace(tiny_engine.special, im_end=fake_eos)
     stopped = engine.chat(MSG, SamplingParams(max_tokens=16, temperature=0.0))
     assert stopped.finish_reason == "stop"
     assert stopped.token_ids == full[:first + 1]
@@ -180,11 +182,82 @@ def test_chat_batch_params_length_mismatch(tiny_engine, count_generate):
 def test_prompt_plus_max_tokens_over_context(tiny_engine, count_generate):
     limit = tiny_engine.cfg.text.max_position_embeddings
     n_prompt = len(tiny_engine.prompts.chat(MSG).token_ids)
-    with pytest.raises(InputError, match=f"exceeds the model's context of {limit}"):
+    with pytest.raises(InputError, match=f"exceeds the context \\(max_model_len\\) of {limit}"):
         tiny_engine.chat(MSG, SamplingParams(max_tokens=limit - n_prompt + 1))
     assert count_generate == []
     # Exactly at the limit is allowed (only checked, not run: 4k tokens would be slow).
     tiny_engine._check_context(limit)
+
+
+def test_params_may_be_dicts_for_every_chat_method(tiny_engine, greedy16):
+    as_dict = {"max_tokens": 16, "temperature": 0.0}
+    assert tiny_engine.chat(MSG, params=as_dict).token_ids == greedy16.token_ids
+    assert [r.token_ids for r in tiny_engine.chat_batch([MSG, MSG], as_dict)] == [greedy16.token_ids] * 2
+    batch = tiny_engine.chat_batch([MSG, MSG], [as_dict, SamplingParams(max_tokens=2, temperature=0.0)])
+    assert [r.token_ids for r in batch] == [greedy16.token_ids, greedy16.token_ids[:2]]
+    assert "".join(tiny_engine.chat_stream(MSG, as_dict)) == greedy16.text
+    tiny_engine.add_request("dict-params", MSG, {"max_tokens": 3, "temperature": 0.0})
+    outs = []
+    while tiny_engine.has_unfinished():
+        outs += [o for o in tiny_engine.step() if o.request_id == "dict-params"]
+    assert outs[-1].finished and outs[-1].token_ids == greedy16.token_ids[:3]
+
+
+@pytest.mark.parametrize("call", ["chat", "chat_batch", "chat_stream", "add_request"])
+def test_unknown_sampling_fields_are_named(tiny_engine, count_generate, call):
+    params = {"max_token": 4, "temprature": 0.0}
+    run = {"chat": lambda: tiny_engine.chat(MSG, params),
+           "chat_batch": lambda: tiny_engine.chat_batch([MSG], [params]),
+           "chat_stream": lambda: list(tiny_engine.chat_stream(MSG, params)),
+           "add_request": lambda: tiny_engine.add_request("unknown-fields", MSG, params)}[call]
+    with pytest.raises(InputError, match="unknown SamplingParams fields: max_token, temprature"):
+        run()
+    with pytest.raises(InputError, match="got int"):
+        tiny_engine.chat(MSG, 4)
+    assert count_generate == [] and not tiny_engine.has_unfinished()
+
+
+def test_duplicate_request_id_is_an_input_error(tiny_engine):
+    tiny_engine.add_request("dup", MSG, SamplingParams(max_tokens=2))
+    with pytest.raises(InputError, match="'dup' is already in use"):
+        tiny_engine.add_request("dup", MSG, SamplingParams(max_tokens=2))
+    with pytest.raises(InputError, match="non-empty string"):
+        tiny_engine.add_request(7, MSG)
+    finished = []
+    while tiny_engine.has_unfinished():
+        finished += [o for o in tiny_engine.step() if o.finished]
+    assert [o.request_id for o in finished] == ["dup"] and len(finished[0].token_ids) == 2  # the first ran
+    tiny_engine.add_request("dup", MSG, SamplingParams(max_tokens=1))  # a finished id is free again
+    while tiny_engine.has_unfinished():
+        tiny_engine.step()
+
+
+def test_long_prompt_is_checked_without_the_tokenizer_warning(tiny_engine, count_generate):
+    """Chat and T2I give the same typed error for a prompt past the context; the text is past the
+    tokenizer's model_max_length too, whose "indexing errors" warning the engine's check replaces."""
+    long_text = "word " * (tiny_engine.tokenizer.model_max_length + 100)
+    key = "sequence-length-is-longer-than-the-specified-maximum"
+    tiny_engine.tokenizer.deprecation_warnings.pop(key, None)
+    limit = tiny_engine.cfg.text.max_position_embeddings
+    with pytest.raises(InputError, match=f"prompt \\+ max_tokens = .* exceeds the context \\(max_model_len\\) of {limit}"):
+        tiny_engine.chat([{"role": "user", "content": long_text}], SamplingParams(max_tokens=2))
+    for call in (lambda: tiny_engine.generate_image(long_text, ImageParams(**FAST, seed=0)),
+                 lambda: tiny_engine.generate_images(["a cat", long_text], ImageParams(**FAST, seed=0)),
+                 lambda: tiny_engine.encode_prompt(long_text)):
+        with pytest.raises(InputError, match=f"prompt \\+ 64 latent queries = .* exceeds the context "
+                                             f"\\(max_model_len\\) of {limit}"):
+            call()
+    assert key not in tiny_engine.tokenizer.deprecation_warnings  # the warning was never printed
+    assert count_generate == []
+
+
+def test_t2i_context_limit_is_exact(tiny_engine, monkeypatch):
+    """A prompt whose ids + [IMG] + 64 queries fill the context exactly passes the check; one more fails."""
+    n = len(tiny_engine.prompts.t2i("a cat").token_ids) + tiny_engine.cfg.n_query
+    monkeypatch.setattr(tiny_engine._ar, "max_model_len", n)  # the engine's bound (the reference AR stage's)
+    tiny_engine._t2i_prompt("a cat")
+    with pytest.raises(InputError, match=f"= {n + 1} tokens exceeds the context \\(max_model_len\\) of {n} tokens"):
+        tiny_engine._t2i_prompt("a cat cat")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,6 +291,44 @@ def test_no_seed_reports_a_reproducing_seed(tiny_engine):
     assert isinstance(r.seed, int) and r.seed >= 0
     again = tiny_engine.generate_image("a house", ImageParams(**FAST, seed=r.seed))
     np.testing.assert_array_equal(img_array(r), img_array(again))
+
+
+def test_largest_seeds(tiny_engine, monkeypatch):
+    """The top of the seed range works; a batch whose seed + i would pass it fails before any work."""
+    r = tiny_engine.generate_image("a house", ImageParams(**FAST, seed=MAX_SEED))
+    assert r.seed == MAX_SEED
+    cond = tiny_engine.encode_prompt("a house")[None]
+    feats = tiny_engine.sample_clip_features(cond, ImageParams(**FAST, seed=MAX_SEED))
+    torch.testing.assert_close(feats[0], r.clip_features, rtol=0, atol=0)
+    calls = []
+    monkeypatch.setattr(tiny_engine._loop, "add_image", lambda *a: calls.append(a))
+    with pytest.raises(InputError, match="exceeds 2\\*\\*64 - 1"):
+        tiny_engine.generate_images(["a", "b"], ImageParams(**FAST, seed=MAX_SEED))
+    with pytest.raises(InputError, match="exceeds 2\\*\\*64 - 1"):
+        tiny_engine.sample_clip_features(torch.zeros(2, 64, tiny_engine.cfg.text.hidden_size),
+                                         ImageParams(**FAST, seed=MAX_SEED))
+    assert calls == []
+
+
+def test_image_params_may_be_dicts(tiny_engine, feats2):
+    params = ImageParams(**FAST, seed=6)
+    as_dict = dict(FAST, seed=6)
+    want = tiny_engine.generate_image("a cat", params)
+    np.testing.assert_array_equal(img_array(tiny_engine.generate_image("a cat", as_dict)), img_array(want))
+    np.testing.assert_array_equal(img_array(tiny_engine.generate_images(["a cat"], as_dict)[0]), img_array(want))
+    cond = tiny_engine.encode_prompt("a cat")[None]
+    torch.testing.assert_close(tiny_engine.sample_clip_features(cond, as_dict),
+                               tiny_engine.sample_clip_features(cond, params), rtol=0, atol=0)
+    np.testing.assert_array_equal(np.asarray(tiny_engine.decode_pixels(feats2, as_dict)[0]),
+                                  np.asarray(tiny_engine.decode_pixels(feats2, params)[0]))
+    assert tiny_engine.uncond_features(as_dict) is tiny_engine.uncond_features(params)
+    for call in (lambda: tiny_engine.generate_image("a", {"steps": 3}),
+                 lambda: tiny_engine.generate_images(["a"], {"steps": 3}),
+                 lambda: tiny_engine.sample_clip_features(cond, {"steps": 3}),
+                 lambda: tiny_engine.decode_pixels(feats2, {"steps": 3}),
+                 lambda: tiny_engine.uncond_features({"steps": 3})):
+        with pytest.raises(InputError, match="unknown ImageParams fields: steps"):
+            call()
 
 
 def test_image_result_fields(tiny_engine):
@@ -399,6 +510,9 @@ def test_from_pretrained_errors(tiny_dir, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             Engine.from_pretrained(str(tiny_dir), device="cuda")
+    for device in ("tpu", "cuda:x", "meta", ""):
+        with pytest.raises(ConfigError, match="unsupported device .*; use cpu, cuda or cuda:N"):
+            Engine.from_pretrained(str(tiny_dir), device=device)
 
 
 def test_optimized_backend_matches_reference(tiny_dir, tiny_engine, greedy16):

@@ -1,5 +1,5 @@
-"""Prompt building: the T2I template of spec §1.2, the decoder's null prompt, image-conditioned T2I
-(spec §1.8), chat prompts as transformers' Qwen2.5-VL processor builds them, and input validation."""
+"""Prompt building: the T2I template of docs/model_spec.md §1.2, the decoder's null prompt, image-conditioned T2I
+(docs/model_spec.md §1.8), chat prompts as transformers' Qwen2.5-VL processor builds them, and input validation."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from blip3o_engine.prompts import (
 )
 from blip3o_engine.tokenization import SpecialTokens, load_image_processor, load_tokenizer
 
-# spec §1.2, written out here rather than imported so a change to the engine's template fails.
+# docs/model_spec.md §1.2, written out here rather than imported so a change to the engine's template fails.
 SPEC_T2I = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
             "Please generate image based on the following caption: {prompt}<|im_end|>\n<|im_start|>assistant\n")
 
@@ -73,7 +73,7 @@ def test_t2i_prompt_is_the_official_template_then_img(builder, tok, special, cap
 def test_t2i_uncond_is_raw_space_then_img(builder, tok, special):
     prompt = builder.t2i_uncond()
     assert prompt.token_ids == tok(" ", add_special_tokens=False)["input_ids"] + [special.img_start]
-    assert decode(tok, prompt.token_ids) == " [IMG]"  # no chat template around it (spec §1.6)
+    assert decode(tok, prompt.token_ids) == " [IMG]"  # no chat template around it (docs/model_spec.md §1.6)
     assert special.im_start not in prompt.token_ids
     assert prompt.use_mrope is False
 
@@ -90,7 +90,7 @@ def test_image_conditioned_t2i_has_256_pads_at_start_of_user_turn(builder, tok, 
                add_special_tokens=False)["input_ids"]
     assert ids[:len(head)] == head
     k = len(head)
-    # 448x448 input (spec §1.8), patch 14, merge 2: (448/14)^2 / 4 = 256 LLM image tokens.
+    # 448x448 input (docs/model_spec.md §1.8), patch 14, merge 2: (448/14)^2 / 4 = 256 LLM image tokens.
     assert ids[k] == special.vision_start
     assert ids[k + 1:k + 257] == [special.image_pad] * 256
     assert ids[k + 257] == special.vision_end

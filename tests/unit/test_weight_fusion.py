@@ -1,4 +1,4 @@
-"""runtime/weight_fusion.fuse_linears: one fused matrix whose rows are the layers' own weights."""
+"""models/fusion.fuse_linears: one fused matrix whose rows are the layers' own weights."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blip3o_engine.runtime.weight_fusion import fuse_linears
+from blip3o_engine.models.fusion import fuse_linears
 
 
 def _layers(bias: bool, seed: int = 0) -> list[nn.Linear]:

@@ -61,7 +61,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gen-tokens", type=int, default=32, help="decode steps timed per chat request (default 32)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="chat message length in tokens (default 128)")
     p.add_argument("--t2i-tokens", type=int, default=98,
-                   help="target AR length of the T2I prefill incl. [IMG] and the queries (default 98, spec §4)")
+                   help="target AR length of the T2I prefill incl. [IMG] and the queries "
+                        "(default 98, docs/model_spec.md §4)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed runs before timing, >= 1 (default 1; the first one's time is kept as cold_ms)")
     p.add_argument("--reps", type=int, default=10, help="timed runs at most (default 10)")
@@ -72,6 +73,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the optimized decoder (default: on for CUDA, off for CPU); the first "
                         "(warm-up) run's time, which includes compiling, is reported as cold_ms")
+    p.add_argument("--export-dir", default=None,
+                   help="export mode: directory for the ONNX/AOTInductor exports (reused when present; "
+                        "default: a temporary directory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--csv", default=None, help="append rows to this CSV file")
@@ -116,7 +120,8 @@ def run_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(batches=batches, image_batches=args.image_batch, dit_steps=args.dit_steps,
                              decoder_steps=args.steps,
                              gen_tokens=args.gen_tokens, prompt_tokens=args.prompt_tokens,
-                             t2i_tokens=args.t2i_tokens, seed=args.seed, only=args.only, policy=policy)
+                             t2i_tokens=args.t2i_tokens, seed=args.seed, only=args.only, policy=policy,
+                             export_dir=args.export_dir)
     modes = list(ALL_ORDER) if args.mode == "all" else [args.mode]
     date, load = utc_now(), host_load()
     print(f"loading {args.model} on {device} ...", file=sys.stderr, flush=True)

@@ -1,4 +1,4 @@
-"""Parameter, FLOP and byte counts of every BLIP3-o stage, derived from `ModelConfig` (spec §4).
+"""Parameter, FLOP and byte counts of every BLIP3-o stage, derived from `ModelConfig` (docs/model_spec.md §4).
 
 Nothing is hard-coded per model: each function walks the same structure the module in `models/`
 builds, so a checkpoint with other widths or depths gets its own counts. What is counted:

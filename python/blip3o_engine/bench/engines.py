@@ -26,7 +26,7 @@ import torch
 
 from ..config import PRESETS, dtype_from_name
 from ..errors import ConfigError
-from ..runtime.engine import BACKENDS, Engine
+from ..engine import BACKENDS, Engine
 
 TRANSFORMERS = "transformers"  # chat-only baseline backend (TransformersChat)
 

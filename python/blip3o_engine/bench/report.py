@@ -5,7 +5,7 @@ CSV columns (`COLUMNS`), one row per (stage, backend, batch) of a run:
   stage, backend, batch               what was timed; batch = requests / images, not the CFG batch
   median_ms, p10_ms, p90_ms           over the timed runs after warm-up
   floor_ms, ratio_to_floor            roofline floor from the ceilings measured in the same run
-                                      (empty on a CPU: no ceiling is measured there)
+                                      (on a CPU too; empty where a stage has no cost model)
   ratio_to_reference                  median / the reference backend's median of the same stage and
                                       batch (empty for the reference rows themselves)
   compile_ms                          time of an explicit compile / graph-capture step; empty = the
@@ -230,7 +230,7 @@ def plot(rows: list[dict[str, str]], info: RunInfo, path: str | Path) -> None:
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel("median ms (log scale); black tick = floor from measured ceilings" if any(r["floor_ms"] for r in rows)
-                  else "median ms (log scale); no floor on CPU")
+                  else "median ms (log scale); no floors in this run")
     ax.set_title(f"{info.device} | {info.preset} {info.dtype} | {info.commit} | {info.date}", fontsize=9)
     ax.legend(loc="lower right")
     fig.tight_layout()

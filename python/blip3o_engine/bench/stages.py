@@ -29,14 +29,14 @@ import torch
 
 from ..models.unet import sdxl_time_ids
 from ..params import ImageParams, SamplingParams
-from ..runtime.engine import Engine
+from ..engine import Engine
 from . import costs
 from .ceilings import Ceilings, measure_ceilings
 from .costs import Cost
 from .engines import TransformersChat
 from .timing import Timer, Timing, TimingPolicy
 
-MODES = ("chat", "t2i", "stages", "kernels")
+MODES = ("chat", "t2i", "stages", "kernels", "export")
 # `all` runs the cheap modes first, so a run cut short by a time limit keeps the most per second.
 ALL_ORDER = ("kernels", "stages", "t2i", "chat")
 REFERENCE = "reference"
@@ -45,6 +45,9 @@ STAGE_NAMES = {
     "t2i": ("ar_prefill", "dit_loop", "decoder_loop", "t2i_e2e"),
     "stages": ("dit_step", "unet_step", "vae_decode"),
     "kernels": ("rmsnorm", "unet_self_attn"),
+    # `export` (bench/export_bench.py; not part of `all`: it exports first, minutes per graph at real sizes)
+    "export": ("export_llm_prefill", "export_llm_decode", "export_dit_caption", "export_dit", "export_unet",
+               "export_vae"),
 }
 
 
@@ -55,10 +58,11 @@ class BenchSettings:
     decoder_steps: int = 50
     gen_tokens: int = 32  # decode steps timed per chat request
     prompt_tokens: int = 128  # length of the random chat message, in tokens
-    t2i_tokens: int = 98  # target AR length of the T2I prefill, [IMG] and queries included (spec §4)
+    t2i_tokens: int = 98  # target AR length of the T2I prefill, [IMG] and queries included (docs/model_spec.md §4)
     image_batches: tuple[int, ...] = (1, 4)  # text-to-image batch sizes of the t2i_e2e stage
     seed: int = 0
     only: tuple[str, ...] = ()  # stage names to run (empty = all of the mode)
+    export_dir: str | None = None  # `export` mode: where the exports live (reused), None = a temporary directory
     policy: TimingPolicy = field(default_factory=TimingPolicy)
 
 
@@ -170,7 +174,8 @@ def t2i_stages(w: Workload) -> list[Stage]:
         prompts = [w.caption] if batch == 1 else [f"{k} {w.caption}" for k in range(batch)]
 
         def prepare(engine: Engine):
-            engine.uncond_features(w.image_params)  # the null prompt's stage 1 is cached per process (spec §1.6)
+            # the null prompt's stage 1 is cached per process (docs/model_spec.md §1.6)
+            engine.uncond_features(w.image_params)
             if batch == 1:
                 return lambda: engine.generate_image(prompts[0], w.image_params)
             return lambda: engine.generate_images(prompts, w.image_params)
@@ -414,6 +419,17 @@ def run_modes(modes: list[str], engines: dict[str, ChatBackend], settings: Bench
             if not wanted or wanted & set(STAGE_NAMES["chat"]):
                 log("mode chat")
                 run_chat(w, chat_engines, timer, log, emit)
+            continue
+        if mode == "export":
+            if not w.cfg.can_generate_images:
+                log("mode export: skipped, the model has no image generator")
+                continue
+            from .export_bench import run_export
+
+            log("mode export")
+            results_export = run_export(w, first, timer, settings.export_dir, log, emit)
+            if wanted:
+                log(f"  (--only does not apply to export: ran {len(results_export)} rows)")
             continue
         if mode in ("t2i", "stages") and not w.cfg.can_generate_images:
             log(f"mode {mode}: skipped, the model has no image generator")

@@ -1,6 +1,6 @@
 """The whole BLIP3-o model as one container, and how it is built: from a checkpoint or at random.
 
-Components (spec §0): `visual` (Qwen2.5-VL ViT), `text` (Qwen2.5 LLM + head), `latent_queries`
+Components (docs/model_spec.md §0): `visual` (Qwen2.5-VL ViT), `text` (Qwen2.5 LLM + head), `latent_queries`
 ([1, n_query, H]), `dit` (NextDiT), `unet` + `vae` (the SDXL-type pixel decoder). The image-generation
 parts are None for a plain Qwen2.5-VL checkpoint.
 """
@@ -22,12 +22,12 @@ from .unet import UNet2DConditional
 from .vae import VAEDecoder
 
 DECODER_DIR = "diffusion-decoder"
-# diffusers variant file names: the released decoder ships only `*.bf16.safetensors` (spec §3).
+# diffusers variant file names: the released decoder ships only `*.bf16.safetensors` (docs/model_spec.md §3).
 DECODER_VARIANTS = ("bf16", "", "fp16")
 
 
 class LatentQueries(nn.Module):
-    """The 64 learned query embeddings appended after `[IMG]` (spec §1.3); checkpoint key
+    """The 64 learned query embeddings appended after `[IMG]` (docs/model_spec.md §1.3); checkpoint key
     `model.latent_queries`."""
 
     def __init__(self, n_query: int, hidden_size: int):
@@ -56,7 +56,7 @@ class Blip3oModel(nn.Module):
 
 
 def _root_specs(model: Blip3oModel) -> list[ComponentSpec]:
-    """Where each root-checkpoint tensor goes (spec §3 key layout)."""
+    """Where each root-checkpoint tensor goes (docs/model_spec.md §3 key layout)."""
     tied = model.cfg.text.tie_word_embeddings
     specs = [ComponentSpec(model.visual, "visual."),
              ComponentSpec(model.text, "model.", extra={} if tied else {"lm_head.weight": "lm_head.weight"})]

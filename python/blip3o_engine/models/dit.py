@@ -1,30 +1,44 @@
-"""NextDiT: the cross-attention diffusion transformer of BLIP3-o's first stage (spec §1.4).
+"""NextDiT: the cross-attention diffusion transformer of BLIP3-o's first stage (docs/model_spec.md §1.4).
 
-Plain-PyTorch reference of the official `LuminaNextDiT2DModel` copy (`main:blip3o/model/lumina_nextdit2d.py`
-with diffusers 0.32 helper modules). It maps a noisy grid of CLIP features `x [B, C, S, S]`, a timestep on
-the 0..1000 scale (1000 = pure noise) and the LLM's query hidden states `caption [B, N, caption_dim]` to a
+PyTorch port of the official `LuminaNextDiT2DModel` copy (`main:blip3o/model/lumina_nextdit2d.py` with
+diffusers 0.32 helper modules). It maps a noisy grid of CLIP features `x [B, C, S, S]`, a timestep on the
+0..1000 scale (1000 = pure noise) and the LLM's query hidden states `caption [B, N, caption_dim]` to a
 flow-matching velocity of the same shape as `x`.
 
-Parameter names equal the checkpoint keys under `model.dit.model.` (spec §3), so the loader maps them 1:1.
-Nothing else is registered: the 2-D RoPE table and the sinusoidal timestep table are recomputed in
-forward (a few hundred floats).
+One forward, two callers. Most of a step's work does not depend on the noisy latent, so the model exposes
+its forward in the pieces a sampling loop hoists (the engine's `FlowSampler`), and `forward` is their
+composition (the reference):
 
-The forward pass is split so that a sampling loop can hoist what does not change across steps:
-`project_caption` (once per image) and `embed_conditions` (the timestep part changes per step, the
-caption part does not) feed `forward_trunk`, which is the only part that sees the noisy latent.
+    cond = dit.precompute(caption)              # per request: caption projection, every block's cross K/V,
+                                                #   the caption half of temb (`DiTCondition`)
+    mod, scale = dit.modulation(temb)           # per (step, row): adaLN vectors of every block, output scale
+    v = dit.step(x_tokens, mod, scale, cond, rope)   # the only part that sees the latent
+
+Every norm, rotation and activation inside a block is an op of `ops` (torch twin or Triton kernel, chosen
+by `ops.dispatch`); the engine may also fuse a block's [q1; k1; v1; q2] and [w1; w3] projections into one
+GEMM each (`fuse_projections`) and fold the per-head cross-attention gate into V (`precompute(...,
+fold_gate=True)`: attention is linear in V) — the only differences between the two backends' math.
+
+Parameter names equal the checkpoint keys under `model.dit.model.` (docs/model_spec.md §3), so the loader maps them 1:1.
+Nothing else is registered: the 2-D RoPE table and the sinusoidal timestep table are recomputed (a few
+hundred floats).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..config import DiTConfig
+from ..ops.dispatch import reference_mode
+from .fusion import fuse_linears, is_live
 
-# Hard-coded in the official model, independent of cfg.norm_eps (spec §1.4): the q/k LayerNorms and the
+# Hard-coded in the official model, independent of cfg.norm_eps (docs/model_spec.md §1.4): the q/k LayerNorms and the
 # caption_embedder LayerNorm use 1e-5 (torch's default), the output LayerNorm 1e-6.
 LAYER_NORM_EPS = 1e-5
 FINAL_NORM_EPS = 1e-6
@@ -72,15 +86,9 @@ def rope_2d(grid: int, head_dim: int, theta: float, device: torch.device | None 
 
 
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate interleaved pairs of `x [B, N, H, head_dim]` by the table of `rope_2d`, in fp32, cast back.
-
-    Pair (a, b) -> (a·cos − b·sin, a·sin + b·cos): the complex product (a + ib)·e^(iφ) that diffusers'
-    `apply_rotary_emb(use_real=False)` computes.
-    """
-    cos, sin = (t[None, :, None, :] for t in rope)  # [1, N, 1, head_dim/2]
-    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [B, N, H, head_dim/2] each
-    rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)  # [B, N, H, head_dim/2, 2]
-    return rotated.flatten(-2).to(x.dtype)
+    """Rotate interleaved pairs of `x [B, N, H, head_dim]` by the table of `rope_2d`, in fp32, cast back
+    (`ops.rope_2d_ref`: the complex product diffusers' `apply_rotary_emb(use_real=False)` computes)."""
+    return ops.rope_2d_ref(x, *rope)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -105,8 +113,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class CaptionProjection(nn.Module):
@@ -174,24 +181,16 @@ class TimeCaptionEmbedding(nn.Module):
 
 
 class AdaRMSNormZero(nn.Module):
-    """`norm1`: RMSNorm scaled by (1 + scale_msa), and the block's other three modulation vectors.
-
-    `linear(SiLU(temb))` is split in the order (scale_msa, gate_msa, scale_mlp, gate_mlp).
-    """
+    """`norm1`: the block's modulation `linear(SiLU(temb))`, split in the order (scale_msa, gate_msa,
+    scale_mlp, gate_mlp), and the RMSNorm that scale_msa modulates (`ops.rms_norm_modulate`)."""
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         self.linear = nn.Linear(cfg.time_embed_dim, 4 * cfg.hidden_size)
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        scale_msa, gate_msa, scale_mlp, gate_mlp = self.linear(F.silu(temb)).chunk(4, dim=1)  # [B, D] each
-        return self.norm(x) * (1 + scale_msa[:, None]), gate_msa, scale_mlp, gate_mlp
-
     def modulation(self, temb: torch.Tensor) -> torch.Tensor:
-        """temb `[..., T]` -> `[..., 4, D]` stacked (scale_msa, gate_msa, scale_mlp, gate_mlp): the same
-        `linear(SiLU(temb))` as `forward`, for samplers that tabulate it for all steps before the loop."""
+        """temb `[..., T]` -> `[..., 4, D]` stacked (scale_msa, gate_msa, scale_mlp, gate_mlp)."""
         return self.linear(F.silu(temb)).unflatten(-1, (4, -1))
 
 
@@ -213,16 +212,15 @@ class DiTAttention(nn.Module):
             # A list so that the key reads `to_out.0.weight`, as in the checkpoint.
             self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=False)])
 
-    def query(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """`[B, N, D]` -> rotated queries `[B, N, H, d]` (both attentions rotate q)."""
-        return apply_rope(self.norm_q(self.to_q(h)).unflatten(-1, (self.num_heads, -1)), rope)
+    def norm_rope(self, t: torch.Tensor, norm: nn.LayerNorm, rope: tuple[torch.Tensor, torch.Tensor] | None
+                  ) -> torch.Tensor:
+        """Projected `[B, N, D]` -> LayerNorm over D, heads `[B, N, H, d]`, rotated unless `rope` is None."""
+        cos, sin = rope if rope is not None else (None, None)
+        return ops.layer_norm_rope(t, norm.weight, norm.bias, LAYER_NORM_EPS, cos, sin, self.num_heads)
 
-    def key_value(self, ctx: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[B, M, D]` -> keys, values `[B, M, H, d]`; keys rotated only when `rope` is given (self-attn)."""
-        k = self.norm_k(self.to_k(ctx)).unflatten(-1, (self.num_heads, -1))
-        v = self.to_v(ctx).unflatten(-1, (self.num_heads, -1))
-        return (apply_rope(k, rope) if rope is not None else k), v
+    def key_value(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention context `[B, M, D]` -> keys, values `[B, M, H, d]` (keys normed, never rotated)."""
+        return self.norm_rope(self.to_k(ctx), self.norm_k, None), self.to_v(ctx).unflatten(-1, (self.num_heads, -1))
 
 
 class FeedForward(nn.Module):
@@ -234,9 +232,25 @@ class FeedForward(nn.Module):
         self.linear_2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
         self.linear_3 = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=False)
 
+        self.w13: torch.Tensor | None = None  # fused [w1; w3] `[2F, D]` (`fuse`)
+
+    def fuse(self) -> None:
+        self.w13 = fuse_linears([self.linear_1, self.linear_3])[0]
+
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        gate = self.linear_1(u)
-        return self.linear_2(F.silu(gate.float()).to(gate.dtype) * self.linear_3(u))
+        if is_live(self.w13, self.linear_1) and not reference_mode():
+            return self.linear_2(ops.silu_and_mul(F.linear(u, self.w13)))  # [.., 2F] -> [.., F]
+        return self.linear_2(ops.swiglu(self.linear_1(u), self.linear_3(u)))
+
+
+@dataclass(eq=False)
+class DiTCondition:
+    """What a sampling loop reads of the caption, computed once per request (`NextDiT.precompute`).
+    R rows (with CFG: the null rows and the caption rows), L blocks, M caption tokens."""
+
+    cross_kv: torch.Tensor  # [L, 2, R, H, M, d] each block's cross-attention K and V
+    caption_emb: torch.Tensor  # [R, T] the caption half of temb
+    gate_folded: bool  # V already scaled by the block's tanh(gate) per head
 
 
 class NextDiTBlock(nn.Module):
@@ -254,27 +268,44 @@ class NextDiTBlock(nn.Module):
         self.norm2 = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.ffn_norm2 = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.norm1_context = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.qkvq: torch.Tensor | None = None  # fused [q1; k1; v1; q2] `[4D, D]` (`fuse`)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, cp: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x `[B, N, D]` image tokens, temb `[B, T]`, cp `[B, M, D]` projected caption -> `[B, N, D]`."""
-        h, gate_msa, scale_mlp, gate_mlp = self.norm1(x, temb)  # h [B, N, D]
+    def fuse(self) -> None:
+        """One GEMM for the four projections of the modulated input, one for w1/w3 (no extra memory)."""
+        self.qkvq = fuse_linears([self.attn1.to_q, self.attn1.to_k, self.attn1.to_v, self.attn2.to_q])[0]
+        self.feed_forward.fuse()
 
-        self_out = attend(self.attn1.query(h, rope), *self.attn1.key_value(h, rope))  # [B, N, H, d]
+    def cross_key_value(self, cp: torch.Tensor, fold_gate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys, values `[B, H, M, d]` of the projected caption `cp [B, M, D]`. They do not
+        depend on the latent or the step: a sampler computes them once. fold_gate: V times tanh(gate) per
+        head (softmax(qkᵀ)·V·g = (softmax(qkᵀ)·V)·g)."""
+        k, v = self.attn2.key_value(self.norm1_context(cp))  # [B, M, H, d]
+        if fold_gate:
+            v = v * self.gate.tanh().to(v.dtype).view(1, 1, -1, 1)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor, cross_kv: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor], gate_folded: bool) -> torch.Tensor:
+        """x `[R, N, D]` image tokens; mod `[4, R, D]` (scale_msa, gate_msa, scale_mlp, gate_mlp) of this
+        step; cross_kv `[2, R, H, M, d]` from `cross_key_value` -> `[R, N, D]`."""
+        scale_msa, gate_msa, scale_mlp, gate_mlp = mod  # [R, D] each
+        eps, a1, a2 = self.norm1.norm.eps, self.attn1, self.attn2
+        h = ops.rms_norm_modulate(x, self.norm1.norm.weight, scale_msa, eps)  # [R, N, D]
+        if is_live(self.qkvq, self.attn1.to_q) and not reference_mode():
+            q1, k1, v1, q2 = F.linear(h, self.qkvq).chunk(4, dim=-1)  # [R, N, D] each
+        else:
+            q1, k1, v1, q2 = a1.to_q(h), a1.to_k(h), a1.to_v(h), a2.to_q(h)
+        q1, k1 = a1.norm_rope(q1, a1.norm_q, rope), a1.norm_rope(k1, a1.norm_k, rope)  # [R, N, H, d]
+        q2 = a2.norm_rope(q2, a2.norm_q, rope)
+        self_out = attend(q1, k1, v1.unflatten(-1, (a1.num_heads, -1)))  # [R, N, H, d]
         # Cross-attention: q from the image tokens (rotated), k/v from the caption (never rotated).
-        cross_k, cross_v = self.attn2.key_value(self.norm1_context(cp), rope=None)  # [B, M, H, d]
-        cross_out = attend(self.attn2.query(h, rope), cross_k, cross_v)  # [B, N, H, d]
-        cross_out = cross_out * self.gate.tanh().view(1, 1, -1, 1)
-
-        mixed = self.attn2.to_out[0]((self_out + cross_out).flatten(2))  # [B, N, D]
-        x = x + gate_msa[:, None].tanh() * self.norm2(mixed)
-        ffn_out = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp[:, None]))
-        return x + gate_mlp[:, None].tanh() * self.ffn_norm2(ffn_out)
-
-    def cross_key_value(self, cp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-attention keys, values `[B, M, H, d]` of the projected caption `cp [B, M, D]`, as `forward`
-        computes them. They do not depend on the latent or the step: a sampler computes them once."""
-        return self.attn2.key_value(self.norm1_context(cp), rope=None)
+        cross_out = F.scaled_dot_product_attention(q2.transpose(1, 2), cross_kv[0], cross_kv[1]).transpose(1, 2)
+        if not gate_folded:
+            cross_out = cross_out * self.gate.tanh().view(1, 1, -1, 1)
+        mixed = a2.to_out[0]((self_out + cross_out).flatten(2))  # [R, N, D]
+        x = ops.gated_rms_residual(x, mixed, self.norm2.weight, gate_msa, eps)
+        u = ops.rms_norm_modulate(x, self.ffn_norm1.weight, scale_mlp, eps)
+        return ops.gated_rms_residual(x, self.feed_forward(u), self.ffn_norm2.weight, gate_mlp, eps)
 
 
 class FinalLayer(nn.Module):
@@ -287,13 +318,13 @@ class FinalLayer(nn.Module):
         self.linear_2 = nn.Linear(cfg.hidden_size, cfg.patch_size**2 * cfg.in_channels)
 
     def scale(self, temb: torch.Tensor) -> torch.Tensor:
-        """temb `[..., T]` -> the output scale `[..., D]` that `forward` applies (before its `1 +`)."""
+        """temb `[..., T]` -> the output scale `[..., D]` (before its `1 +`): loop-invariant per (step, row)."""
         return self.linear_1(F.silu(temb).to(self.linear_1.weight.dtype))
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        scale = self.linear_1(F.silu(temb).to(x.dtype))  # [B, D]
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """x `[R, N, D]`, scale `[R, D]` from `scale` -> `[R, N, C]`."""
         x = F.layer_norm(x, (x.shape[-1],), eps=FINAL_NORM_EPS) * (1 + scale[:, None])
-        return self.linear_2(x)  # [B, N, C]
+        return self.linear_2(x)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,7 +332,8 @@ class FinalLayer(nn.Module):
 
 
 class NextDiT(nn.Module):
-    """BLIP3-o's NextDiT (spec §1.4): `forward(x, timestep, caption) -> velocity`."""
+    """BLIP3-o's NextDiT (docs/model_spec.md §1.4): `forward(x, timestep, caption) -> velocity`, and its hoistable pieces
+    (module docstring)."""
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
@@ -312,30 +344,66 @@ class NextDiT(nn.Module):
         self.layers = nn.ModuleList([NextDiTBlock(cfg) for _ in range(cfg.num_layers)])
         self.norm_out = FinalLayer(cfg)
 
+    def fuse_projections(self) -> None:
+        """Fuse every block's [q1; k1; v1; q2] and [w1; w3] (see `NextDiTBlock.fuse`). Idempotent."""
+        for block in self.layers:
+            block.fuse()
+
+    def rope(self, grid: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin `[grid², d/2]` of the 2-D RoPE for a `grid x grid` latent."""
+        return rope_2d(grid, self.cfg.head_dim, self.cfg.rope_theta, device=device)
+
+    # ------------------------------------------------------------------------------ hoistable pieces
+
     def project_caption(self, caption: torch.Tensor) -> torch.Tensor:
         """LLM query hidden states `[B, N, caption_dim]` -> Cp `[B, N, hidden]`. Once per image."""
         return self.caption_projection(caption)
 
-    def embed_conditions(self, timestep: torch.Tensor, cp: torch.Tensor) -> torch.Tensor:
-        """temb `[B, time_embed_dim]` from timesteps `[B]` (0..1000, int or float) and Cp `[B, N, hidden]`.
+    def cross_kv(self, cp: torch.Tensor, fold_gate: bool = False) -> torch.Tensor:
+        """Projected caption `[R, M, D]` -> every block's cross K/V `[L, 2, R, H, M, d]`."""
+        return torch.stack([torch.stack(block.cross_key_value(cp, fold_gate)) for block in self.layers])
 
-        The caption half (`time_caption_embed.embed_caption`) is constant over the sampling loop; the
-        timestep half is shared by the CFG halves.
-        """
+    def condition(self, cp: torch.Tensor, fold_gate: bool = False) -> DiTCondition:
+        """Projected caption `[R, M, D]` -> every block's cross K/V and the caption half of temb."""
+        return DiTCondition(self.cross_kv(cp, fold_gate), self.time_caption_embed.embed_caption(cp), fold_gate)
+
+    def precompute(self, caption: torch.Tensor, fold_gate: bool = False) -> DiTCondition:
+        """Caption `[R, M, caption_dim]` -> `DiTCondition`: all the per-request work of a sampling loop."""
+        return self.condition(self.project_caption(caption), fold_gate)
+
+    def embed_timestep(self, timestep: torch.Tensor) -> torch.Tensor:
+        """`[...]` timesteps (0..1000, int or float) -> the timestep half of temb `[..., T]`."""
+        return self.time_caption_embed.embed_timestep(timestep.flatten()).unflatten(0, timestep.shape)
+
+    def embed_conditions(self, timestep: torch.Tensor, cp: torch.Tensor) -> torch.Tensor:
+        """temb `[B, time_embed_dim]` from timesteps `[B]` and Cp `[B, N, hidden]`."""
         return self.time_caption_embed(timestep, cp)
+
+    def modulation(self, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """temb `[..., R, T]` -> every block's adaLN vectors `[..., L, 4, R, D]` and the output scale
+        `[..., R, D]`; a sampler tabulates them for all steps before its loop."""
+        mod = torch.stack([b.norm1.modulation(temb).transpose(-3, -2) for b in self.layers], dim=-4)
+        return mod, self.norm_out.scale(temb)
+
+    def step(self, x: torch.Tensor, mod: torch.Tensor, final_scale: torch.Tensor, cond: DiTCondition,
+             rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Latent tokens `x [R, N, C]` (token n = row*S + col) -> velocity tokens `[R, N, C]`, from one step's
+        `mod [L, 4, R, D]` and `final_scale [R, D]` (`modulation`) and the request's `cond`."""
+        h = self.patch_embedder.proj(x)  # [R, N, D]
+        for layer, block in enumerate(self.layers):
+            h = block(h, mod[layer], cond.cross_kv[layer], rope, cond.gate_folded)
+        return self.norm_out(h, final_scale)
+
+    # ------------------------------------------------------------------------------ whole forward
 
     def forward_trunk(self, x: torch.Tensor, temb: torch.Tensor, cp: torch.Tensor) -> torch.Tensor:
         """Latent `[B, C, S, S]`, temb `[B, T]`, Cp `[B, N, hidden]` -> velocity `[B, C, S, S]`.
-
-        Any square grid works (the official RoPE table covers 384x384); the released model uses S = 8.
-        """
+        Any square grid works (the official RoPE table covers 384x384); the released model uses S = 8."""
         b, c, s, _ = x.shape
-        rope = rope_2d(s, self.cfg.head_dim, self.cfg.rope_theta, device=x.device)
-        h = self.patch_embedder(x)  # [B, S*S, D]
-        for layer in self.layers:
-            h = layer(h, temb, cp, rope)
-        out = self.norm_out(h, temb)  # [B, S*S, C]
-        return out.transpose(1, 2).reshape(b, c, s, s)
+        mod, scale = self.modulation(temb)  # [L, 4, B, D], [B, D]
+        cond = DiTCondition(self.cross_kv(cp), None, gate_folded=False)  # temb already holds the caption half
+        v = self.step(x.flatten(2).transpose(1, 2), mod, scale, cond, self.rope(s, x.device))
+        return v.transpose(1, 2).reshape(b, c, s, s)
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, caption: torch.Tensor) -> torch.Tensor:
         """x `[B, C, S, S]`, timestep `[B]` (0..1000 scale, 1000 = noise), caption `[B, N, caption_dim]`
@@ -344,4 +412,4 @@ class NextDiT(nn.Module):
         return self.forward_trunk(x, self.embed_conditions(timestep, cp), cp)
 
 
-__all__ = ["NextDiT", "NextDiTBlock", "rope_2d", "apply_rope", "timestep_embedding"]
+__all__ = ["DiTCondition", "NextDiT", "NextDiTBlock", "rope_2d", "apply_rope", "timestep_embedding"]

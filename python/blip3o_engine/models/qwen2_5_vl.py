@@ -1,30 +1,48 @@
-"""Reference Qwen2.5-VL in plain PyTorch: the language model, its 3-D (M-RoPE) positions, and the
-native-resolution vision transformer (spec §2).
+"""Qwen2.5-VL in PyTorch: the language model, its 3-D (M-RoPE) positions, and the native-resolution vision
+transformer (docs/model_spec.md §2). One forward per model, used by the reference backend and by the engine alike.
 
-This is the *reference* the optimized kernels are checked against, so it favours clarity over speed
-and reproduces the numerics of transformers' `modeling_qwen2_5_vl.py`: RMSNorm variance in fp32,
-RoPE angles in fp32 (text cos/sin then cast to the model dtype and applied there; vision RoPE
-applied in fp32), attention softmax by `scaled_dot_product_attention`.
+The language model's decoder layer is written once, over an attention backend it is handed
+(`ops.attention`): `DenseAttention` (the reference: `[B, L]` batches, a contiguous cache, masked SDPA) or
+the engine's paged backends (packed `[T]` tokens over the paged KV cache, Triton kernels on CUDA, a
+per-step plan on CPU). Every norm, activation and rotary formula it applies is an op of `ops` (the torch
+twin in the reference, the kernel in the engine, chosen by `ops.dispatch`); the numerics are those of
+transformers' `modeling_qwen2_5_vl.py`: RMSNorm variance in fp32, RoPE angles in fp32 (text cos/sin cast
+to the model dtype and applied there; vision RoPE applied in fp32), attention by SDPA.
 
-Parameter names equal the checkpoint keys minus their prefix ("model." for the text model,
-"visual." for the vision tower), so the loader maps keys 1:1. Nothing else is registered: RoPE
-tables are recomputed from the config in every forward (cheap next to the matmuls), which keeps the
-modules buffer-free and constructible on the meta device.
+The engine may fuse a layer's q/k/v and gate/up projections into one matrix each (`fuse_projections`: the
+modules' weights become rows of it, no extra memory); the layer then runs one GEMM where the reference
+runs three or two, the only difference between the two backends' layer (under `ops.reference_ops()` the
+layer takes the separate projections even when fused weights exist, so a reference sharing the weights
+stays the oracle).
+
+Parameter names equal the checkpoint keys minus their prefix ("model." for the text model, "visual." for
+the vision tower), so the loader maps keys 1:1. Nothing else is registered: RoPE angles are recomputed
+from the config (cheap), which keeps the modules buffer-free and constructible on the meta device.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..config import TextConfig, VisionConfig
 from ..errors import InputError
+from ..ops.attention import DenseAttention, KVCache
+from ..ops.dispatch import reference_mode
+from ..ops.llm_ops import rope_cos_sin_cache, rotate_half
+from .fusion import fuse_linears, is_live
 
 # The vision tower's RoPE base is not in config.json; Qwen2.5-VL hard-codes it.
 VISION_ROPE_THETA = 10000.0
+
+# Whether a (fused) projection should be stored in-major; the engine decides per device (see
+# `Qwen2_5_VLTextModel.fuse_projections`).
+InMajorPolicy = Callable[[Sequence[nn.Linear]], bool]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -32,8 +50,8 @@ VISION_ROPE_THETA = 10000.0
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm as Qwen2.5-VL does it: normalize in fp32, cast back, *then* multiply by the weight
-    (so in bf16 the weight product is rounded once more, like the original)."""
+    """RMSNorm as Qwen2.5-VL does it (`ops.rms_norm`): normalize in fp32, cast back, *then* multiply by the
+    weight (so in bf16 the weight product is rounded once more, like the original)."""
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
@@ -41,28 +59,28 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)); the text MLP has no biases, the vision MLP has them."""
+    """down(silu(gate(x)) * up(x)); the text MLP has no biases, the vision MLP has them. With fused
+    gate/up weights (`fuse`), one GEMM computes both halves."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # fused ([2I, H], bias)
+
+    def fuse(self, in_major: InMajorPolicy) -> None:
+        group = [self.gate_proj, self.up_proj]
+        self.gate_up = fuse_linears(group, in_major(group))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) over the two halves of the last dim (the "rotate-half" RoPE layout)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        if self.gate_up is not None and is_live(self.gate_up[0], self.gate_proj) and not reference_mode():
+            return self.down_proj(ops.silu_and_mul(F.linear(x, *self.gate_up)))  # [..., 2I] -> [..., I]
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def rope_inv_freq(dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
@@ -74,69 +92,8 @@ def rope_inv_freq(dim: int, theta: float, device: torch.device | None = None) ->
 # Language model
 
 
-def mrope_cos_sin(position_ids: torch.Tensor, cfg: TextConfig,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [B, L, head_dim] (in `dtype`) for 3-D positions `position_ids` [3, B, L].
-
-    The head_dim/2 frequency pairs are cut into consecutive chunks of `mrope_section` =
-    (temporal, height, width) sizes; chunk a takes its angles from position row a. This is the
-    chunked layout transformers uses for qwen2_5_vl (not Qwen3-VL's interleaved one). For text,
-    the three rows are equal and this is ordinary 1-D RoPE.
-    """
-    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, position_ids.device)  # [hd/2]
-    freqs = position_ids[..., None].float() * inv_freq  # [3, B, L, hd/2], fp32 angles
-    chunks, start = [], 0
-    for axis, size in enumerate(cfg.mrope_section):
-        chunks.append(freqs[axis, ..., start:start + size])
-        start += size
-    freqs = torch.cat(chunks, dim=-1)  # [B, L, hd/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [B, L, hd]: both halves share the angle of a pair
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-class KVCache:
-    """Plain contiguous K/V cache: per layer one [B, kv_heads, T, head_dim] tensor, grown by
-    concatenation. The reference for the paged cache; simple, not fast."""
-
-    def __init__(self, num_layers: int) -> None:
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-
-    @property
-    def length(self) -> int:
-        """Tokens cached (read between forwards; layer 0 is the first one a forward appends to)."""
-        return 0 if self.keys[0] is None else self.keys[0].shape[2]
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add this step's k, v [B, kv_heads, L, hd] to `layer`; return the whole [B, kv_heads, T, hd]."""
-        if self.keys[layer] is not None:
-            k = torch.cat((self.keys[layer], k), dim=2)
-            v = torch.cat((self.values[layer], v), dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
-
-
-def causal_mask(past: int, new: int, attention_mask: torch.Tensor | None,
-                device: torch.device) -> torch.Tensor:
-    """Boolean "may attend" mask [B or 1, 1, new, past+new] for `new` queries after `past` cached
-    tokens. `attention_mask` [B, past+new] marks valid (non-pad) keys."""
-    q_pos = torch.arange(past, past + new, device=device)  # absolute query positions
-    k_pos = torch.arange(past + new, device=device)
-    allowed = k_pos[None, :] <= q_pos[:, None]  # [new, total]
-    if attention_mask is None:
-        return allowed[None, None]
-    if attention_mask.shape[-1] != past + new:
-        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, "
-                         f"expected cached + new = {past + new}")
-    allowed = allowed[None] & attention_mask.bool()[:, None, :]  # [B, new, total]
-    # A padding query has no valid key at all; letting it see itself keeps its softmax finite
-    # (its output is garbage that nobody reads). Valid queries are unaffected: their own key is valid.
-    allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None]
-    return allowed[:, None]
-
-
 class TextAttention(nn.Module):
-    """Causal GQA self-attention with biased q/k/v projections and M-RoPE."""
+    """Causal GQA self-attention with biased q/k/v projections and M-RoPE, over an attention backend."""
 
     def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
         super().__init__()
@@ -149,28 +106,33 @@ class TextAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=True)
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # fused ([Hq·d + 2·Hkv·d, H], bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                cache: KVCache | None) -> torch.Tensor:
-        B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, L, hd]
-        k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, L, hd]
-        v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos[:, None], sin[:, None]  # [B, 1, L, hd], broadcast over heads
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.append(self.layer_idx, k, v)  # [B, nkv, T, hd]
-        # GQA: query head h reads kv head h // group, so repeat each kv head `group` times in place.
-        group = self.num_heads // self.num_kv_heads
-        k = k.repeat_interleave(group, dim=1)  # [B, nh, T, hd]
-        v = v.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, nh, L, hd]
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+    def fuse(self, in_major: InMajorPolicy) -> None:
+        group = [self.q_proj, self.k_proj, self.v_proj]
+        self.qkv = fuse_linears(group, in_major(group))
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [..., H] -> q [..., Hq, d], k and v [..., Hkv, d]."""
+        if self.qkv is None or not is_live(self.qkv[0], self.q_proj) or reference_mode():
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            kv = self.num_kv_heads * self.head_dim
+            q, k, v = F.linear(x, *self.qkv).split((self.num_heads * self.head_dim, kv, kv), dim=-1)
+        d = self.head_dim
+        return q.unflatten(-1, (-1, d)), k.unflatten(-1, (-1, d)), v.unflatten(-1, (-1, d))
+
+    def forward(self, x: torch.Tensor, attn) -> torch.Tensor:
+        q, k, v = self.project_qkv(x)
+        q, k = attn.rotary(q, k)
+        out = attn.attend(self.layer_idx, q, k, v)  # [..., Hq, d]
+        return self.o_proj(out.flatten(-2))
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block, x + attn(norm(x)) then x + mlp(norm(x)), with the residual stream carried
+    beside the layer output so that each residual add is fused with the norm after it (vLLM's layout;
+    IEEE addition is commutative, so the sums are exactly the reference's)."""
 
     def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
         super().__init__()
@@ -179,10 +141,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                cache: KVCache | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, attn) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's output (the embeddings for layer 0, with residual None); residual: the
+        stream before it. Returns (this layer's output, the stream before it)."""
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        if residual is None:
+            h, residual = norm1(x), x
+        else:
+            h, residual = ops.fused_add_rms_norm(x, residual, norm1.weight, norm1.eps)
+        h = self.self_attn(h, attn)
+        h, residual = ops.fused_add_rms_norm(h, residual, norm2.weight, norm2.eps)
+        return self.mlp(h), residual
 
 
 class Qwen2_5_VLTextModel(nn.Module):
@@ -206,8 +175,36 @@ class Qwen2_5_VLTextModel(nn.Module):
         return KVCache(len(self.layers))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings: [B, L] -> [B, L, H]."""
+        """Token embeddings: [...] -> [..., H]."""
         return self.embed_tokens(input_ids)
+
+    def rope_table(self, num_positions: int) -> torch.Tensor:
+        """fp32 `[num_positions, head_dim]` (cos | sin) rows for positions 0..num_positions-1, for the paged
+        engine's kernels (built once by its runner; the dense forward computes its angles directly)."""
+        device = self.embed_tokens.weight.device
+        return rope_cos_sin_cache(self.cfg.head_dim, self.cfg.rope_theta, num_positions, device)
+
+    def fuse_projections(self, in_major: InMajorPolicy = lambda group: False) -> None:
+        """Fuse every layer's q/k/v and gate/up into one matrix each (no extra memory), and store the
+        projections `in_major` picks transposed (`fusion.fuse_linears`); a tied LM head stays (it is the
+        embedding table, whose row gathers want rows). Idempotent."""
+        for layer in self.layers:
+            layer.self_attn.fuse(in_major)
+            layer.mlp.fuse(in_major)
+        singles = [l.self_attn.o_proj for l in self.layers] + [l.mlp.down_proj for l in self.layers]
+        if not self.cfg.tie_word_embeddings:
+            singles.append(self.lm_head)
+        for lin in singles:
+            if in_major([lin]):
+                fuse_linears([lin], in_major=True)
+
+    def run_layers(self, x: torch.Tensor, attn) -> torch.Tensor:
+        """The decoder over embeddings `x` [..., H] (any token layout the backend `attn` understands):
+        the residual stream after the last layer, *before* the final norm, [..., H]."""
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, attn)
+        return x + residual
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -224,13 +221,10 @@ class Qwen2_5_VLTextModel(nn.Module):
         B, L, _ = inputs_embeds.shape
         if position_ids.shape != (3, B, L):
             raise ValueError(f"position_ids must be [3, {B}, {L}], got {list(position_ids.shape)}")
-        past = cache.length if cache is not None else 0
-        mask = causal_mask(past, L, attention_mask, inputs_embeds.device)
-        cos, sin = mrope_cos_sin(position_ids, self.cfg, inputs_embeds.dtype)  # [B, L, hd]
-        x = inputs_embeds
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
-        return self.norm(x)
+        inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.device)  # [d/2]
+        attn = DenseAttention(position_ids, inv_freq, self.cfg.mrope_section, inputs_embeds.dtype, cache,
+                              attention_mask)
+        return self.norm(self.run_layers(inputs_embeds, attn))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head: [..., H] -> [..., vocab], in the model dtype like transformers (upcast before
@@ -451,6 +445,6 @@ class Qwen2_5_VisionTransformer(nn.Module):
 
 
 __all__ = [
-    "Qwen2_5_VLTextModel", "Qwen2_5_VisionTransformer", "KVCache", "get_mrope_positions", "mrope_cos_sin",
-    "RMSNorm", "VISION_ROPE_THETA",
+    "Qwen2_5_VLTextModel", "Qwen2_5_VisionTransformer", "KVCache", "get_mrope_positions", "RMSNorm",
+    "VISION_ROPE_THETA",
 ]

@@ -1,4 +1,4 @@
-"""SDXL-type conditional UNet of the stage-2 pixel decoder (spec §1.6), plain PyTorch.
+"""SDXL-type conditional UNet of the stage-2 pixel decoder (docs/model_spec.md §1.6), plain PyTorch.
 
 This is the reference the optimized decoder is checked against, and the module the engine fuses,
 captures and exports (the GPU machine has no diffusers). It reproduces diffusers'
@@ -53,14 +53,23 @@ def timestep_embedding(t: Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: f
     return emb  # [N, dim]
 
 
+# The official decoder pipeline's `original_size` default (pipeline_llava_gen / pipeline_reconstruct,
+# docs/model_spec.md §1.6). BLIP3-o's inference never overrides it, so the UNet sees "original 1024x1024" at every
+# output size, including presets whose native size is not 1024.
+OFFICIAL_ORIGINAL_SIZE = (1024, 1024)
+
+
 def sdxl_time_ids(height: int, width: int, batch: int, dtype: torch.dtype, device: torch.device | str | None = None,
-                  crop: tuple[int, int] = (0, 0)) -> Tensor:
+                  original_size: tuple[int, int] = OFFICIAL_ORIGINAL_SIZE, crop: tuple[int, int] = (0, 0)) -> Tensor:
     """SDXL micro-conditioning ids [batch, 6] = [orig_h, orig_w, crop_top, crop_left, target_h, target_w].
 
-    Sizes are in pixels; the BLIP3-o pipeline uses original = target = the output size, crop (0, 0):
-    [1024, 1024, 0, 0, 1024, 1024] at 1024² (spec §1.6).
+    Sizes are in pixels. The official pipeline builds `original_size + crop_info + [height, width]`
+    with its defaults original_size = [1024, 1024], crop_info = [0, 0] (docs/model_spec.md §1.6), i.e.
+    [1024, 1024, 0, 0, height, width] for an output of height x width: only the target changes with
+    the output size.
     """
-    row = torch.tensor([height, width, crop[0], crop[1], height, width], dtype=dtype, device=device)
+    row = torch.tensor([original_size[0], original_size[1], crop[0], crop[1], height, width], dtype=dtype,
+                       device=device)
     return row.expand(batch, 6).contiguous()  # [B, 6]
 
 
@@ -432,5 +441,5 @@ class UNet2DConditional(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
-__all__ = ["UNet2DConditional", "sdxl_time_ids", "timestep_embedding", "ResnetBlock2D", "Attention",
-           "Upsample2D", "Downsample2D", "Transformer2D", "KV"]
+__all__ = ["UNet2DConditional", "sdxl_time_ids", "OFFICIAL_ORIGINAL_SIZE", "timestep_embedding", "ResnetBlock2D",
+           "Attention", "Upsample2D", "Downsample2D", "Transformer2D", "KV"]

@@ -1,4 +1,4 @@
-"""Decoder half of the SDXL-type VAE (diffusers `AutoencoderKL`, spec §1.6), plain PyTorch.
+"""Decoder half of the SDXL-type VAE (diffusers `AutoencoderKL`, docs/model_spec.md §1.6), plain PyTorch.
 
 Only `post_quant_conv` and `decoder.*` are built; the loader drops the encoder's keys
 (`VAEDecoder.IGNORED_PREFIXES`). Key names equal AutoencoderKL's state_dict. Like diffusers'
@@ -103,7 +103,7 @@ class VAEDecoder(nn.Module):
     """Latents -> RGB in [-1, 1]: `post_quant_conv` (1x1) then the decoder.
 
     The caller divides the sampler's latents by `VAEConfig.scaling_factor` first, exactly as the
-    reference pipeline calls `vae.decode(z / scaling_factor)` (spec §1.6).
+    reference pipeline calls `vae.decode(z / scaling_factor)` (docs/model_spec.md §1.6).
     """
 
     # Checkpoint key prefixes of AutoencoderKL that this module does not hold (the encoder half).

@@ -20,27 +20,23 @@ Ops (T tokens, S sequences, Hq query heads, Hkv KV heads, d head_dim, H hidden, 
   `[S, Hq, d]`, each sequence's one new query over its whole context;
 - `paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)`:
   q `[T, Hq, d]` -> `[T, Hq, d]`; the new tokens see the cached prefix fully and each other causally;
-- `rms_norm(x, weight, eps)`, `fused_add_rms_norm(x, residual, weight, eps)`: x `[T, H]` ->
-  RMSNorm_w(x), resp. (RMSNorm_w(x + residual), x + residual) — the decoder layer's
-  `residual = x + residual; x = norm(residual)` in one pass;
 - `rope_cos_sin_cache(head_dim, theta, max_positions)` (table builder, torch only) and
   `mrope_rotary(q, k, positions, cos_sin_cache, mrope_section)`: q `[T, Hq, d]`, k `[T, Hkv, d]`,
   positions `[3, T]` -> rotated (q, k); its ref is `mrope_cos_sin` (once per step) + `apply_rotary`;
-- `silu_and_mul(gate_up)`: `[T, 2I]` (gate_proj | up_proj, one fused matmul) -> silu(gate) * up `[T, I]`.
-GQA: query head h reads KV head h // (Hq / Hkv), as `repeat_interleave` in models/qwen2_5_vl.py.
+GQA: query head h reads KV head h // (Hq / Hkv) (`gqa_attention_ref`).
 
-The `*_ref` twins repeat models/qwen2_5_vl.py's formulas and rounding points (this package may not
-import `models`, which sits above it); tests/kernels checks them against the model's modules. The
-attention refs gather each sequence's blocks into contiguous K/V and run the model's masked
-`scaled_dot_product_attention`, one sequence at a time: readable, not fast.
+The norms and the SwiGLU product the decoder layer also runs are in `ops.norms`. The `*_ref` twins are the
+model's formulas (models/qwen2_5_vl.py calls these ops through the attention backends of `ops.attention`
+and has no copy of them). `gqa_attention_ref` is the attention core of the dense reference
+(`ops.attention.DenseAttention`) and of the paged refs, which gather each sequence's blocks into
+contiguous K/V and run it one sequence at a time: readable, not fast.
 
-Dispatch is `dit_ops`'s: the Triton kernel when the input is on CUDA (or under `force_triton()` /
-BLIP3O_FORCE_TRITON=1, with TRITON_INTERPRET=1 on CPU), otherwise the ref; the Triton path goes
-through `torch.ops.blip3o.<name>` custom ops with fake impls (write_kv_cache declares its mutation of
-the caches), so it traces under torch.compile and is captured by CUDA graphs. The paged model does
-not serve CPU steps through these per-layer ops but through `ops.llm_cpu` (planned once per step). No op reads device
-values on the host (no syncs): the launch grids come from tensor shapes only. Outputs are new
-contiguous tensors; inputs may have any token/head strides (head_dim stride 1, else copied).
+Dispatch is `ops.dispatch`'s: the Triton kernel when the input is on CUDA (or forced), otherwise the ref;
+the Triton path goes through `torch.ops.blip3o.<name>` custom ops with fake impls (write_kv_cache declares
+its mutation of the caches), so it traces under torch.compile and is captured by CUDA graphs. CPU steps of
+the paged model do not go through these per-layer ops but through `ops.llm_cpu` (planned once per step).
+No op reads device values on the host (no syncs): the launch grids come from tensor shapes only. Outputs
+are new contiguous tensors; inputs may have any token/head strides (head_dim stride 1, else copied).
 """
 
 from __future__ import annotations
@@ -51,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dit_ops import _check, _use_triton
+from .dispatch import check, use_kernel
 
 
 def _kernels(name: str) -> ModuleType:
@@ -81,16 +77,24 @@ def _gather_kv(cache: Tensor, block_table: Tensor, length: int) -> Tensor:
     return cache[blocks].flatten(0, 1)[:length]
 
 
-def _causal_attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """q `[L, Hq, d]` (the last L of the N positions), k, v `[N, Hkv, d]` -> `[L, Hq, d]`: models/qwen2_5_vl's
-    TextAttention core (GQA by repeat_interleave, `causal_mask`'s k_pos <= q_pos, SDPA in the dtype)."""
-    n, hkv = k.shape[0], k.shape[1]
-    group = q.shape[1] // hkv
+def gqa_attention_ref(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None = None) -> Tensor:
+    """The language model's attention core. q `[..., Hq, L, d]`, k, v `[..., Hkv, N, d]`, mask bool
+    (True = may attend) broadcastable to `[..., L, N]`, or None -> `[..., Hq, L, d]`. GQA: query head h
+    reads KV head h // (Hq / Hkv), by repeat_interleave; softmax and products by SDPA in the dtype;
+    scale None = 1/sqrt(d)."""
+    group = q.shape[-3] // k.shape[-3]
+    k = k.repeat_interleave(group, dim=-3)  # [..., Hq, N, d]
+    v = v.repeat_interleave(group, dim=-3)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def causal_attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
+    """q `[L, Hq, d]` (the last L of the N positions), k, v `[N, Hkv, d]` -> `[L, Hq, d]`: each query sees
+    the keys at positions <= its own."""
+    n = k.shape[0]
     q_pos = torch.arange(n - q.shape[0], n, device=q.device)
     allowed = torch.arange(n, device=q.device)[None, :] <= q_pos[:, None]  # [L, N]
-    k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, N, d]
-    v = v.repeat_interleave(group, dim=1).transpose(0, 1)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=allowed, scale=scale)
+    out = gqa_attention_ref(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), allowed, scale)
     return out.transpose(0, 1)  # [L, Hq, d]
 
 
@@ -105,7 +109,7 @@ def paged_prefill_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, blo
             continue
         k = _gather_kv(k_cache, block_tables[s], n)  # [N, Hkv, d]
         v = _gather_kv(v_cache, block_tables[s], n)
-        out[cu[s]:cu[s + 1]] = _causal_attention_ref(q[cu[s]:cu[s + 1]], k, v, scale)
+        out[cu[s]:cu[s + 1]] = causal_attention_ref(q[cu[s]:cu[s + 1]], k, v, scale)
     return out
 
 
@@ -119,20 +123,6 @@ def paged_decode_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, bloc
     return torch.where((context_lens > 0)[:, None, None], out, 0)
 
 
-def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """`qwen2_5_vl.RMSNorm.forward`: normalize in fp32, cast back, then times the weight."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
-
-
-def fused_add_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(RMSNorm_w(x + residual), x + residual): the decoder layer's residual add (in the dtype), then the
-    next norm."""
-    new_residual = x + residual
-    return rms_norm_ref(new_residual, weight, eps), new_residual
-
-
 def rope_cos_sin_cache(head_dim: int, theta: float, max_positions: int,
                        device: torch.device | str | None = None) -> Tensor:
     """fp32 `[max_positions, head_dim]`: row p = (cos, sin) of p * inv_freq, inv_freq `[head_dim/2]` =
@@ -144,32 +134,50 @@ def rope_cos_sin_cache(head_dim: int, theta: float, max_positions: int,
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
 
 
-def _rotate_half(x: Tensor) -> Tensor:
+def rotate_half(x: Tensor) -> Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dim (the "rotate-half" RoPE layout)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
 def mrope_cos_sin(positions: Tensor, cos_sin_cache: Tensor, mrope_section: tuple[int, int, int],
                   dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """positions `[3, T]` -> (cos, sin) `[T, 1, d]` in `dtype`, as `mrope_cos_sin` in models/qwen2_5_vl:
-    pair chunk a of mrope_section takes row a's angles; both halves of d share a pair's angle."""
+    """positions `[3, ...]` (t, h, w) -> (cos, sin) `[..., 1, d]` in `dtype` (the 1 broadcasts over heads),
+    looked up in a `rope_cos_sin_cache` table (`_mrope_layout` says how the axes fill the pairs)."""
     half = cos_sin_cache.shape[-1] // 2
-    table = cos_sin_cache[positions.long()]  # [3, T, d]: per axis, (cos | sin) of all pairs
-    chunks, start = [], 0
+    table = cos_sin_cache[positions.long()]  # [3, ..., d]: per axis, (cos | sin) of all pairs
+    return _mrope_layout(table[..., :half], table[..., half:], mrope_section, dtype)
+
+
+def mrope_cos_sin_from_freqs(positions: Tensor, inv_freq: Tensor, mrope_section: tuple[int, int, int],
+                             dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The same (cos, sin) computed from the positions directly (no table: what the dense forward and its
+    exports use). The angles are the table's, `p · inv_freq` in fp32, so the values are equal."""
+    freqs = positions[..., None].float() * inv_freq  # [3, ..., d/2]
+    return _mrope_layout(freqs.cos(), freqs.sin(), mrope_section, dtype)
+
+
+def _mrope_layout(cos: Tensor, sin: Tensor, mrope_section: tuple[int, int, int],
+                  dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Per-axis cos/sin `[3, ..., d/2]` -> `[..., 1, d]`: the d/2 frequency pairs are cut into consecutive
+    chunks of `mrope_section` = (temporal, height, width) sizes and chunk a takes its angles from position
+    row a (transformers' chunked layout for qwen2_5_vl, not Qwen3-VL's interleaved one); both halves of d
+    share a pair's angle (rotate-half layout). For text the three rows are equal: ordinary 1-D RoPE."""
+    cos_chunks, sin_chunks, start = [], [], 0
     for axis, size in enumerate(mrope_section):
-        chunks.append(table[axis, :, start:start + size])
-        chunks.append(table[axis, :, half + start:half + start + size])
+        cos_chunks.append(cos[axis, ..., start:start + size])
+        sin_chunks.append(sin[axis, ..., start:start + size])
         start += size
-    cos = torch.cat(chunks[0::2], dim=-1)  # [T, d/2]
-    sin = torch.cat(chunks[1::2], dim=-1)
-    cos = torch.cat((cos, cos), dim=-1)[:, None].to(dtype)  # [T, 1, d]
-    sin = torch.cat((sin, sin), dim=-1)[:, None].to(dtype)
+    cos, sin = torch.cat(cos_chunks, dim=-1), torch.cat(sin_chunks, dim=-1)  # [..., d/2]
+    cos = torch.cat((cos, cos), dim=-1)[..., None, :].to(dtype)  # [..., 1, d]
+    sin = torch.cat((sin, sin), dim=-1)[..., None, :].to(dtype)
     return cos, sin
 
 
 def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """`x * cos + rotate_half(x) * sin` in the dtype, for q `[T, Hq, d]` and k `[T, Hkv, d]`; cos, sin `[T, 1, d]`."""
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    """`x * cos + rotate_half(x) * sin` in the dtype, for q `[..., Hq, d]` and k `[..., Hkv, d]`; cos, sin
+    `[..., 1, d]`."""
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 def mrope_rotary_ref(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor,
@@ -179,12 +187,6 @@ def mrope_rotary_ref(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Ten
     `x * cos + rotate_half(x) * sin` in the dtype."""
     cos, sin = mrope_cos_sin(positions, cos_sin_cache, mrope_section, q.dtype)
     return apply_rotary(q, k, cos, sin)
-
-
-def silu_and_mul_ref(gate_up: Tensor) -> Tensor:
-    """`[..., 2I]` -> `[..., I]`: the text MLP's `silu(gate_proj(x)) * up_proj(x)`, in the dtype."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,26 +229,6 @@ def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, cu_seql
     return q.new_empty(q.shape)
 
 
-@torch.library.custom_op("blip3o::rms_norm", mutates_args=())
-def _rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    return _kernels("llm_norms").rms_norm(x, weight, eps)
-
-
-@_rms_norm_op.register_fake
-def _(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op("blip3o::fused_add_rms_norm", mutates_args=())
-def _fused_add_rms_norm_op(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    return _kernels("llm_norms").fused_add_rms_norm(x, residual, weight, eps)
-
-
-@_fused_add_rms_norm_op.register_fake
-def _(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    return x.new_empty(x.shape), x.new_empty(x.shape)
-
-
 @torch.library.custom_op("blip3o::mrope_rotary", mutates_args=())
 def _mrope_rotary_op(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor,
                      mrope_section: list[int]) -> tuple[Tensor, Tensor]:
@@ -259,72 +241,59 @@ def _(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor,
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
-@torch.library.custom_op("blip3o::silu_and_mul", mutates_args=())
-def _silu_and_mul_op(gate_up: Tensor) -> Tensor:
-    # The DiT's SwiGLU kernel computes the same thing (fp32 SiLU rounded to the dtype, times up, rounded):
-    # it reads the two halves of the fused projection in place.
-    half = gate_up.shape[-1] // 2
-    return _kernels("swiglu").swiglu(gate_up[..., :half], gate_up[..., half:])
-
-
-@_silu_and_mul_op.register_fake
-def _(gate_up: Tensor) -> Tensor:
-    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
-
-
 # ------------------------------------------------------------------------------------------------
 # Public ops: validate (same rules on both paths, shapes only: no device reads), then dispatch.
 
 
 def _check_same(op: str, ref: Tensor, **tensors: Tensor) -> None:
     for name, t in tensors.items():
-        _check(t.dtype == ref.dtype, op, f"{name} is {t.dtype}, expected {ref.dtype}")
-        _check(t.device == ref.device, op, f"{name} is on {t.device}, expected {ref.device}")
+        check(t.dtype == ref.dtype, op, "{} is {}, expected {}", name, t.dtype, ref.dtype)
+        check(t.device == ref.device, op, "{} is on {}, expected {}", name, t.device, ref.device)
 
 
 def _check_head_dim(op: str, d: int) -> None:
-    _check(d >= 16 and d & (d - 1) == 0, op, f"head_dim must be a power of two >= 16, got {d}")
+    check(d >= 16 and d & (d - 1) == 0, op, "head_dim must be a power of two >= 16, got {}", d)
 
 
 def _check_cache(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor) -> None:
     """q `[N, Hq, d]`; caches `[num_blocks, block_size, Hkv, d]` alike; Hq a multiple of Hkv."""
-    _check(q.dim() == 3, op, f"expected q [tokens, heads, head_dim], got {tuple(q.shape)}")
-    _check(k_cache.dim() == 4 and k_cache.shape == v_cache.shape, op,
-           f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must be equal "
-           "[num_blocks, block_size, kv_heads, head_dim]")
-    _check(k_cache.shape[3] == q.shape[2], op, f"cache head_dim {k_cache.shape[3]} != q's {q.shape[2]}")
-    _check(q.shape[1] % k_cache.shape[2] == 0, op,
-           f"query heads {q.shape[1]} must be a multiple of kv heads {k_cache.shape[2]}")
+    check(q.dim() == 3, op, "expected q [tokens, heads, head_dim], got {}", tuple(q.shape))
+    check(k_cache.dim() == 4 and k_cache.shape == v_cache.shape, op,
+          "k_cache {} and v_cache {} must be equal [num_blocks, block_size, kv_heads, head_dim]",
+          tuple(k_cache.shape), tuple(v_cache.shape))
+    check(k_cache.shape[3] == q.shape[2], op, "cache head_dim {} != q's {}", k_cache.shape[3], q.shape[2])
+    check(q.shape[1] % k_cache.shape[2] == 0, op, "query heads {} must be a multiple of kv heads {}",
+          q.shape[1], k_cache.shape[2])
     _check_head_dim(op, q.shape[2])
     _check_same(op, q, k_cache=k_cache, v_cache=v_cache)
-    _check(k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, op, "caches need a unit head_dim stride")
+    check(k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, op, "caches need a unit head_dim stride")
 
 
 def _check_int_vector(op: str, name: str, t: Tensor, length: int, device: torch.device,
                       dtypes: tuple[torch.dtype, ...] = (torch.int32,)) -> None:
-    _check(t.shape == (length,), op, f"{name} must be [{length}], got {tuple(t.shape)}")
-    _check(t.dtype in dtypes and t.device == device, op,
-           f"{name} must be {'/'.join(map(str, dtypes))} on {device}, got {t.dtype} on {t.device}")
+    check(t.shape == (length,), op, "{} must be [{}], got {}", name, length, tuple(t.shape))
+    check(t.dtype in dtypes and t.device == device, op, "{} must be {} on {}, got {} on {}",
+          name, "/".join(map(str, dtypes)), device, t.dtype, t.device)
 
 
 def _check_block_tables(op: str, block_tables: Tensor, num_seqs: int, device: torch.device) -> None:
-    _check(block_tables.dim() == 2 and block_tables.shape[0] == num_seqs, op,
-           f"block_tables must be [{num_seqs}, max_blocks], got {tuple(block_tables.shape)}")
-    _check(block_tables.dtype == torch.int32 and block_tables.device == device and block_tables.stride(1) == 1,
-           op, f"block_tables must be int32 on {device} with unit column stride")
+    check(block_tables.dim() == 2 and block_tables.shape[0] == num_seqs, op,
+          "block_tables must be [{}, max_blocks], got {}", num_seqs, tuple(block_tables.shape))
+    check(block_tables.dtype == torch.int32 and block_tables.device == device and block_tables.stride(1) == 1,
+          op, "block_tables must be int32 on {} with unit column stride", device)
 
 
 def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
     """k, v `[T, Hkv, d]` -> k_cache, v_cache `[num_blocks, block_size, Hkv, d]` at slot_mapping `[T]`
     (int64/int32 `block * block_size + row`; -1 skips the token), in place."""
     op = "write_kv_cache"
-    _check(k.dim() == 3 and k.shape == v.shape, op,
-           f"k {tuple(k.shape)} and v {tuple(v.shape)} must be equal [T, Hkv, d]")
+    check(k.dim() == 3 and k.shape == v.shape, op, "k {} and v {} must be equal [T, Hkv, d]",
+          tuple(k.shape), tuple(v.shape))
     _check_cache(op, k, k_cache, v_cache)
-    _check(k_cache.shape[2] == k.shape[1], op, f"k has {k.shape[1]} heads, the cache {k_cache.shape[2]}")
+    check(k_cache.shape[2] == k.shape[1], op, "k has {} heads, the cache {}", k.shape[1], k_cache.shape[2])
     _check_same(op, k, v=v)
     _check_int_vector(op, "slot_mapping", slot_mapping, k.shape[0], k.device, (torch.int64, torch.int32))
-    if _use_triton(k):
+    if use_kernel(k):
         _write_kv_cache_op(k, v, k_cache, v_cache, slot_mapping)
     else:
         write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
@@ -338,7 +307,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     _check_cache(op, q, k_cache, v_cache)
     _check_block_tables(op, block_tables, q.shape[0], q.device)
     _check_int_vector(op, "context_lens", context_lens, q.shape[0], q.device)
-    if _use_triton(q):
+    if use_kernel(q):
         return _paged_decode_op(q, k_cache, v_cache, block_tables, context_lens, scale)
     return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
 
@@ -351,39 +320,13 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     op = "paged_prefill_attention"
     _check_cache(op, q, k_cache, v_cache)
     num_seqs = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q.dim() == 1 else -1
-    _check(num_seqs >= 0, op, f"cu_seqlens_q must be [S + 1], got {tuple(cu_seqlens_q.shape)}")
+    check(num_seqs >= 0, op, "cu_seqlens_q must be [S + 1], got {}", tuple(cu_seqlens_q.shape))
     _check_int_vector(op, "cu_seqlens_q", cu_seqlens_q, num_seqs + 1, q.device)
     _check_block_tables(op, block_tables, num_seqs, q.device)
     _check_int_vector(op, "context_lens", context_lens, num_seqs, q.device)
-    if _use_triton(q):
+    if use_kernel(q):
         return _paged_prefill_op(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
     return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
-
-
-def _check_norm(op: str, x: Tensor, weight: Tensor) -> None:
-    _check(x.dim() == 2, op, f"expected x [T, H], got {tuple(x.shape)}")
-    _check(weight.shape == (x.shape[1],), op, f"weight must be [{x.shape[1]}], got {tuple(weight.shape)}")
-    _check_same(op, x, weight=weight)
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """x `[T, H]`, weight `[H]` -> RMSNorm_w(x) `[T, H]` (qwen2_5_vl.RMSNorm)."""
-    _check_norm("rms_norm", x, weight)
-    if _use_triton(x):
-        return _rms_norm_op(x, weight, eps)
-    return rms_norm_ref(x, weight, eps)
-
-
-def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """x, residual `[T, H]`, weight `[H]` -> (normed, new_residual): new_residual = x + residual (in the
-    dtype), normed = RMSNorm_w(new_residual)."""
-    op = "fused_add_rms_norm"
-    _check_norm(op, x, weight)
-    _check(residual.shape == x.shape, op, f"residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
-    _check_same(op, x, residual=residual)
-    if _use_triton(x):
-        return _fused_add_rms_norm_op(x, residual, weight, eps)
-    return fused_add_rms_norm_ref(x, residual, weight, eps)
 
 
 def mrope_rotary(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor,
@@ -391,38 +334,26 @@ def mrope_rotary(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor,
     """q `[T, Hq, d]`, k `[T, Hkv, d]`, positions int64/int32 `[3, T]` (t, h, w; text: three equal rows),
     cos_sin_cache fp32 `[P, d]` from `rope_cos_sin_cache` (positions must be < P) -> rotated (q, k)."""
     op = "mrope_rotary"
-    _check(q.dim() == 3 and k.dim() == 3 and k.shape[0] == q.shape[0] and k.shape[2] == q.shape[2], op,
-           f"expected q [T, Hq, d] and k [T, Hkv, d], got {tuple(q.shape)} and {tuple(k.shape)}")
+    check(q.dim() == 3 and k.dim() == 3 and k.shape[0] == q.shape[0] and k.shape[2] == q.shape[2], op,
+          "expected q [T, Hq, d] and k [T, Hkv, d], got {} and {}", tuple(q.shape), tuple(k.shape))
     t, _, d = q.shape
     _check_head_dim(op, d)
     _check_same(op, q, k=k)
-    _check(len(mrope_section) == 3 and sum(mrope_section) == d // 2, op,
-           f"mrope_section {tuple(mrope_section)} must be 3 sizes summing to head_dim/2 = {d // 2}")
-    _check(positions.shape == (3, t) and positions.dtype in (torch.int64, torch.int32)
-           and positions.device == q.device, op, f"positions must be int64/int32 [3, {t}] on q's device")
-    _check(cos_sin_cache.dim() == 2 and cos_sin_cache.shape[1] == d and cos_sin_cache.dtype == torch.float32
-           and cos_sin_cache.device == q.device, op, f"cos_sin_cache must be fp32 [P, {d}] on q's device")
-    if _use_triton(q):
+    check(len(mrope_section) == 3 and sum(mrope_section) == d // 2, op,
+          "mrope_section {} must be 3 sizes summing to head_dim/2 = {}", tuple(mrope_section), d // 2)
+    check(positions.shape == (3, t) and positions.dtype in (torch.int64, torch.int32)
+          and positions.device == q.device, op, "positions must be int64/int32 [3, {}] on q's device", t)
+    check(cos_sin_cache.dim() == 2 and cos_sin_cache.shape[1] == d and cos_sin_cache.dtype == torch.float32
+          and cos_sin_cache.device == q.device, op, "cos_sin_cache must be fp32 [P, {}] on q's device", d)
+    if use_kernel(q):
         return _mrope_rotary_op(q, k, positions, cos_sin_cache, list(mrope_section))
     return mrope_rotary_ref(q, k, positions, cos_sin_cache, mrope_section)
-
-
-def silu_and_mul(gate_up: Tensor) -> Tensor:
-    """gate_up `[..., 2I]` (gate | up) -> silu(gate) * up `[..., I]`, in the dtype (SiLU evaluated in fp32,
-    rounded, then the product rounded: what `F.silu(gate) * up` does on half tensors)."""
-    _check(gate_up.dim() > 0 and gate_up.shape[-1] % 2 == 0, "silu_and_mul",
-           f"last dim must be even (gate | up), got {tuple(gate_up.shape)}")
-    if _use_triton(gate_up):
-        return _silu_and_mul_op(gate_up)
-    return silu_and_mul_ref(gate_up)
 
 
 __all__ = [
     "write_kv_cache", "write_kv_cache_ref",
     "paged_decode_attention", "paged_decode_attention_ref",
     "paged_prefill_attention", "paged_prefill_attention_ref",
-    "rms_norm", "rms_norm_ref",
-    "fused_add_rms_norm", "fused_add_rms_norm_ref",
-    "rope_cos_sin_cache", "mrope_cos_sin", "apply_rotary", "mrope_rotary", "mrope_rotary_ref",
-    "silu_and_mul", "silu_and_mul_ref",
+    "rope_cos_sin_cache", "mrope_cos_sin", "mrope_cos_sin_from_freqs", "apply_rotary", "rotate_half", "mrope_rotary", "mrope_rotary_ref",
+    "gqa_attention_ref", "causal_attention_ref",
 ]

@@ -18,8 +18,8 @@ the processed rows, then softmax + multinomial.
 
 Dispatch: CUDA tensors go through `torch.ops.blip3o.prepare_logits`, a `torch.library.custom_op` (fake
 impl included, so it traces under torch.compile and is captured by CUDA graphs) whose CUDA body is the
-CUDA C++ kernel `kernels/cuda/sampling.cu` (NVRTC-compiled at first use, needs cuda-python); CPU tensors
-call the ref directly. CUDA tensors also take the ref when cuda-python is not installed, or when
+CUDA C++ kernel `kernels/cuda/sampling.cu` (NVRTC-compiled at first use, needs cuda-python); CPU tensors,
+and any tensor under `ops.dispatch.reference_ops()`, call the ref directly. CUDA tensors also take the ref when cuda-python is not installed, or when
 BLIP3O_DISABLE_CUDA_KERNELS=1 (read at import).
 The kernel equals the ref bit for bit (IEEE division/multiplication, same selection rules).
 """
@@ -32,6 +32,8 @@ import os
 
 import torch
 from torch import Tensor
+
+from .dispatch import mode
 
 _DISABLED = os.environ.get("BLIP3O_DISABLE_CUDA_KERNELS") == "1"
 
@@ -118,7 +120,7 @@ def prepare_logits(logits: Tensor, seen_ids: Tensor, penalty: Tensor, temperatur
                f"{name} must be a {'float' if floating else 'integer'} [{s}], got {tuple(t.shape)} {t.dtype}")
     for name, t in (("seen_ids", seen_ids), ("penalty", penalty), ("temperature", temperature), ("top_k", top_k)):
         _check(t.device == logits.device, f"{name} is on {t.device}, logits on {logits.device}")
-    if logits.is_cuda:
+    if logits.is_cuda and mode() != "reference":
         return _prepare_logits_op(logits, seen_ids, penalty, temperature, top_k)
     return prepare_logits_ref(logits, seen_ids, penalty, temperature, top_k)
 

@@ -1,89 +1,74 @@
-"""`PixelDecoder`: the optimized stage-2 path (CLIP features -> uint8 pixels, spec §1.6).
+"""`PixelDecoder`: the optimized stage 2 (CLIP features -> uint8 pixels, docs/model_spec.md §1.6), continuously batched.
 
-Same math and contract as `reference.decode_pixels` (SDXL-type UNet under EulerDiscrete, CFG batched
-with the condition FIRST, then the VAE and uint8 conversion), restructured for speed:
+Same math and contract as `reference.decode_pixels` (SDXL-type UNet under EulerDiscrete, CFG with the
+condition first, then the VAE and uint8 conversion), restructured for speed and for the step loop:
 
-- Loop invariants are computed once per request: every transformer block's cross-attention K/V of
-  the fixed CLIP features (`UNet2DConditional.precompute_cross_kv`) and the SDXL added-condition
-  embedding of (pooled features, size ids). The timestep embeddings of all S steps are one batched
-  call per step count, cached. A step only indexes device tables: no allocation of inputs, no host
-  sync (ARCHITECTURE §7.5, §7.7).
-- The step (`DecoderStep`: scale input, UNet, CFG combine, Euler update) and the VAE tail
-  (`LatentsToPixels`: unscale, VAE, uint8 on device) are plain modules with tensor inputs only and
-  no data-dependent Python control flow, so torch.compile traces each as one graph and a later
-  export (ONNX / AOTInductor / TensorRT) can take them as they are.
-- On CUDA the step is compiled by inductor and captured in a CUDA graph per input shape; see
-  `PixelDecoder` for why the capture is manual rather than inductor's "reduce-overhead".
+- Continuous batching of denoising. Images are admitted into slots of a `DecoderBatch` (one per latent
+  size) and every `step()` runs ONE UNet call over all of them, each at its own step of its own schedule:
+  per-row σ_i, σ_{i+1}, time embedding, guidance and CFG flag. Requests join and leave at any step; the
+  occupied slots are always a prefix (a leaving slot is filled by the last one), padded up to a batch bucket
+  with rows that are computed and discarded. An image's numbers do not depend on what it is batched with,
+  up to the GEMMs' summation order (tests: within 1 uint8 level of the image generated alone).
+- Loop invariants are computed once per request, at admission: every transformer block's cross-attention
+  K/V of the fixed CLIP features (`UNet2DConditional.precompute_cross_kv`, for the cond and null rows) and
+  the SDXL added-condition embedding. The timestep embeddings of a schedule are one batched call per step
+  count, cached. A step only copies two table rows per slot (device to device) and runs: no host sync.
+- The step (`DecoderStep`) and the VAE tail (`LatentsToPixels`) are plain modules with tensor inputs only and
+  no data-dependent Python control flow, so torch.compile traces each as one graph per shape and export takes
+  them as they are. On CUDA the step is captured as a CUDA graph per (latent size, batch bucket) through the
+  runtime's `GraphCache`; the graph advances the static latents in place, so nothing in the shared pool is
+  read after a replay.
+- The VAE decodes one image at a time: its peak (256 channels at the output size) is what grows fastest with
+  the batch, and the memory plan reserves exactly one image's worth.
 
-Memory (8B model, bf16, one 80 GB GPU, batch 4 at 1024², i.e. a CFG batch of 8 latents of 128²):
-- parameters (spec §4 counts; meta-built modules agree): LLM 7.613 B + ViT 0.677 B + queries 0.2 M
-  + DiT 1.365 B + UNet 2.526 B + VAE decoder 0.049 B = 12.23 B params = 24.5 GB (22.8 GiB).
-- UNet step activations: ~51 MB of skip connections per latent (conv_in and two resnet outputs at
-  320x128², downsampled and level-2/3 skips) plus the transient of the widest block (~100 MB:
-  GEGLU at 640x64², the 128² up block's 960-channel concat); with fused SDPA (no score matrix)
-  that is 1.28 GB for the batch of 8 (fake-tensor simulation of one step: 1.28 GB; batch 1: 0.32 GB).
-  A math-SDPA fallback would add 10 heads x 4096² x 2 B = 0.34 GB per latent at level 2 (2.7 GB).
-  Cross-K/V: 0.17 GB, held twice when a CUDA graph keeps static copies; the graph pool keeps the
-  step's activations (~1.3 GB) reserved between requests.
-- VAE decode of 4 images: 6.4 GB peak (256 channels at 1024² in the last up block), after the loop.
-- Total ≈ 24.5 + 1.3 + 0.3 + 6.4 + ~1.5 (CUDA context, cuBLAS/inductor workspaces) ≈ 34 GB, leaving
-  ~45 GB of headroom for the LLM's paged KV pool and larger batches. The VAE, not the UNet, is what
-  grows fastest with the batch (batch 16: UNet ~5 GB, VAE ~26 GB; chunking the VAE batch, not done
-  here, would bound it).
-
-Not thread-safe: one decode at a time per `PixelDecoder` (the captured graphs own static buffers).
+Not thread-safe: one step at a time (the step loop's thread).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from ..config import EulerSchedulerConfig
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 from ..models.unet import KV, UNet2DConditional, sdxl_time_ids
 from ..models.vae import VAEDecoder, to_uint8
-from ..sampling.euler_discrete import EulerSchedule, euler_discrete_schedule, euler_step, scale_model_input
+from ..sampling.euler_discrete import EulerSchedule, euler_discrete_schedule, euler_update, scale_by_sigma
+from ..sampling.guidance import cfg_combine
+from .cuda_graphs import GraphCache, batch_buckets, bucket_for
 
 StepCallback = Callable[[int, int], None]  # (step index, number of steps), called after each step
 
 
 class DecoderStep(nn.Module):
-    """One sampler step with the conditioning hoisted: scale the input, UNet on [cond, uncond]
-    (CFG on) or on z alone, guidance combine, Euler update from σ_i to σ_{i+1}.
+    """One sampler step over a batch of B images, each at its own σ: scale the input, UNet on the 2B rows
+    (cond, uncond interleaved per image), guidance combine, Euler update from σ_i to σ_{i+1}.
 
-    The unit that is compiled and captured. Every input is a tensor (a Python float timestep or
-    guidance would be baked into the compiled graph and recompile per value); CFG on/off is read
-    from shapes, which compile and export specialise on.
-
-    Guidance as an fp32 device tensor is exact in fp32 and in compiled code (inductor computes bf16
-    pointwise ops in fp32, as the reference's Python-float multiply does). Eager bf16 on CUDA casts
-    it to bf16 first: exact for the default 3.0 and for any value with <= 8 significant bits.
-    """
+    The unit that is compiled and captured. Every input is a tensor (a Python float timestep or guidance
+    would be baked into the compiled graph and recompile per value). Rows whose `cfg` is False take the
+    conditional ε alone, as the reference does without CFG (their uncond row is computed and unused)."""
 
     def __init__(self, unet: UNet2DConditional) -> None:
         super().__init__()
         self.unet = unet
 
-    def forward(self, z: Tensor, sigmas: Tensor, temb: Tensor, add_emb: Tensor, guidance: Tensor,
-                cross_kv: Sequence[KV]) -> Tensor:
-        """z [B, 4, h, w] latents at σ_i (model dtype); sigmas [2] fp32 = (σ_i, σ_{i+1}); temb [T] this
-        step's time embedding; add_emb [N, T] with N = 2B (CFG on, rows [cond, uncond]) or B;
-        guidance [] fp32; cross_kv one (k, v) [N, heads, Q, Dh] per transformer block.
-        Returns the latents at σ_{i+1} [B, 4, h, w]."""
-        use_cfg = add_emb.shape[0] != z.shape[0]
-        # The schedule's pure functions, on the 2-entry window: index 0 is σ_i, index 1 is σ_{i+1}.
-        z_in = scale_model_input(z, sigmas, 0)  # [B, 4, h, w]
-        if use_cfg:
-            z_in = torch.cat([z_in, z_in])  # [2B, 4, h, w]
-        eps = self.unet.denoise(z_in, temb + add_emb, cross_kv=cross_kv)  # [N, 4, h, w]
-        if use_cfg:
-            eps_c, eps_u = eps.chunk(2)  # cond first (spec §1.6)
-            eps = eps_u + guidance * (eps_c - eps_u)
-        return euler_step(z, eps, sigmas, 0)
+    def forward(self, z: Tensor, sigmas: Tensor, temb: Tensor, add_emb: Tensor, guidance: Tensor, cfg: Tensor,
+                cross_kv: Sequence[KV]) -> tuple[Tensor, Tensor]:
+        """z [B, 4, h, w] latents (model dtype); sigmas [B, 2] fp32 (σ_i, σ_{i+1}) per image; temb [B, T] each
+        image's time embedding; add_emb [2B, T] (rows 2b = cond, 2b+1 = uncond); guidance [B] fp32; cfg [B]
+        bool; cross_kv one (k, v) [2B, heads, Q, Dh] per transformer block.
+        Returns (latents at σ_{i+1} [B, 4, h, w], the x0 prediction z − σ·ε [B, 4, h, w], for previews)."""
+        sigma, sigma_next = sigmas[:, 0].view(-1, 1, 1, 1), sigmas[:, 1].view(-1, 1, 1, 1)  # [B, 1, 1, 1]
+        z_in = scale_by_sigma(z, sigma).repeat_interleave(2, dim=0)  # [2B, 4, h, w]
+        eps = self.unet.denoise(z_in, temb.repeat_interleave(2, dim=0) + add_emb, cross_kv=cross_kv)  # [2B, ...]
+        eps_c, eps_u = eps[0::2], eps[1::2]  # cond first (docs/model_spec.md §1.6)
+        guided = cfg_combine(eps_u, eps_c, guidance.view(-1, 1, 1, 1))
+        eps = torch.where(cfg.view(-1, 1, 1, 1), guided, eps_c)
+        x0 = (z.float() - sigma * eps.float()).to(z.dtype)
+        return euler_update(z, eps, sigma, sigma_next), x0
 
 
 class LatentsToPixels(nn.Module):
@@ -107,119 +92,218 @@ class StepTables:
     temb: Tensor  # [S, T] model dtype: row i = time MLP(sinusoid(timesteps[i]))
 
 
-@dataclass(frozen=True, eq=False)
-class Conditioning:
-    """Per request: everything the steps read that does not change over the steps."""
+@dataclass(eq=False)
+class _Slot:
+    key: Hashable
+    tables: StepTables
+    step: int = 0  # steps done
 
-    add_emb: Tensor  # [N, T] SDXL added-condition embedding, N = 2B (CFG, [cond, uncond]) or B
-    cross_kv: list[KV]  # per transformer block: (k, v) [N, heads, Q, Dh]
-    guidance: Tensor  # [] fp32
+    @property
+    def total(self) -> int:
+        return self.tables.schedule.num_steps
+
+
+@dataclass(frozen=True)
+class DecoderProgress:
+    """What one `PixelDecoder.step()` did for one image."""
+
+    key: Hashable
+    step: int  # steps done now (1..total)
+    total: int
+
+    @property
+    def finished(self) -> bool:
+        return self.step == self.total
 
 
 @dataclass(eq=False)
-class CapturedStep:
-    """A CUDA graph of one step for one input shape, reading and writing static buffers.
+class DecoderBatch:
+    """The continuous batch of one latent size: static per-slot buffers, occupied slots a prefix."""
 
-    The graph advances `z` in place (step output copied back inside the graph), so the host loop
-    only refreshes the two per-step table rows and replays.
-    """
+    z: Tensor  # [cap, 4, h, w]
+    x0: Tensor  # [cap, 4, h, w] the last step's x0 prediction
+    sigmas: Tensor  # [cap, 2] fp32
+    temb: Tensor  # [cap, T]
+    add_emb: Tensor  # [2cap, T]
+    guidance: Tensor  # [cap] fp32
+    cfg: Tensor  # [cap] bool
+    cross_kv: list[tuple[Tensor, Tensor]]  # per block [2cap, heads, Q, Dh]
+    slots: list[_Slot] = field(default_factory=list)
 
-    z: Tensor
-    sigmas: Tensor
-    temb: Tensor
-    add_emb: Tensor
-    guidance: Tensor
-    cross_kv: list[KV]
-    graph: torch.cuda.CUDAGraph | None = field(default=None)
+    @property
+    def capacity(self) -> int:
+        return self.z.shape[0]
 
-    def load(self, z: Tensor, cond: Conditioning) -> None:
-        """Copy one request's inputs into the static buffers (device-to-device, asynchronous)."""
-        self.z.copy_(z)
-        self.add_emb.copy_(cond.add_emb)
-        self.guidance.copy_(cond.guidance)
-        for (k_buf, v_buf), (k, v) in zip(self.cross_kv, cond.cross_kv):
-            k_buf.copy_(k)
-            v_buf.copy_(v)
+    def rows(self, b: int) -> tuple:
+        """The step's arguments over the first b slots."""
+        return (self.z[:b], self.sigmas[:b], self.temb[:b], self.add_emb[:2 * b], self.guidance[:b], self.cfg[:b],
+                [(k[:2 * b], v[:2 * b]) for k, v in self.cross_kv])
 
-    def args(self) -> tuple:
-        return self.z, self.sigmas, self.temb, self.add_emb, self.guidance, self.cross_kv
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot src's state into slot dst (a leaving slot is filled by the last one)."""
+        for t in (self.z, self.x0, self.sigmas, self.temb, self.guidance, self.cfg):
+            t[dst] = t[src]
+        self.add_emb[2 * dst:2 * dst + 2] = self.add_emb[2 * src:2 * src + 2]
+        for k, v in self.cross_kv:
+            k[2 * dst:2 * dst + 2] = k[2 * src:2 * src + 2]
+            v[2 * dst:2 * dst + 2] = v[2 * src:2 * src + 2]
 
 
 class PixelDecoder:
-    """Stage 2, optimized: `decode(feats, uncond, noise, steps, guidance)` gives what
-    `reference.decode_pixels` gives, batched over requests.
+    """Stage 2, optimized and continuously batched (module docstring).
 
-    compile: torch.compile (inductor, dynamic=False, fullgraph) of the step and of the VAE tail.
-    dynamic=False: a shape compiles once and every later step and request of that shape reuses it
-    (the timestep and guidance are tensor inputs, so their values never recompile). Each new shape
-    (batch, latent size, CFG on/off) compiles once; torch._dynamo's cache_size_limit (8 by
-    default) bounds how many distinct shapes one process keeps compiled. Default (None): on for
-    CUDA, off for CPU, where inductor on a 2-core machine takes ~80 s for even the tiny UNet.
+    admit(key, ...) -> step() per engine step -> take(key) once finished -> latents_to_pixels(...).
+    `decode(feats, uncond, noise, steps, guidance)` runs a whole batch the same way (stage methods, tests).
 
-    use_cuda_graph: capture the (compiled or eager) step in a `torch.cuda.CUDAGraph` per shape and
-    replay it for every step. Manual capture rather than inductor's mode="reduce-overhead"
-    because: the per-request constants (cross-K/V of ~70 blocks, added embedding, guidance) are
-    copied into static buffers once per request, where cudagraph trees would copy every non-static
-    input on every replay (or re-record when a static input's address changes); the step advances
-    z inside the graph, which avoids cudagraph trees' rule that a replay overwrites the previous
-    replay's outputs; and the eager step can be captured too (compile=False), so graph == eager is
-    testable without inductor. This is the static-buffer pattern of the AR runner (ARCHITECTURE
-    §7.4). All shapes share one memory pool (decodes run one at a time, and nothing a graph
-    leaves in the pool is read after its replay). Default (None): on for CUDA.
-
-    The per-step callback runs on the host after each step is queued (with a graph: replayed); it
-    does not wait for the GPU.
+    compile: torch.compile (inductor, dynamic=False) of the step and of the VAE tail, one compile per shape
+    (latent size x batch bucket), reused by every later step and request. Default (None): on for CUDA, off for
+    CPU. graphs: the runtime's `GraphCache` for this decoder (None: eager).
     """
 
     def __init__(self, unet: UNet2DConditional, vae: VAEDecoder, vae_scaling_factor: float,
                  scheduler_cfg: EulerSchedulerConfig, device: torch.device | str, dtype: torch.dtype,
-                 compile: bool | None = None, use_cuda_graph: bool | None = None) -> None:
+                 compile: bool | None = None, graphs: GraphCache | None = None, max_batch: int = 4) -> None:
         self.unet = unet
         self.device = torch.device(device)
         self.dtype = dtype
         self.scheduler_cfg = scheduler_cfg
         self.latent_scale = vae.cfg.scale_factor  # pixels per latent cell
-        on_cuda = self.device.type == "cuda"
-        self.compile = on_cuda if compile is None else compile
-        self.use_cuda_graph = on_cuda if use_cuda_graph is None else use_cuda_graph
-        if self.use_cuda_graph and not on_cuda:
-            raise ConfigError("use_cuda_graph needs a CUDA device")
-        self.step = DecoderStep(unet)
+        self.compile = self.device.type == "cuda" if compile is None else compile
+        self.graphs = graphs if graphs is not None else GraphCache("decoder", None, False)
+        self.max_batch = max_batch
+        self.buckets = batch_buckets(max_batch)
+        self.step_module = DecoderStep(unet)
         self.to_pixels = LatentsToPixels(vae, vae_scaling_factor)
         if self.compile:
-            self._step_fn = torch.compile(self.step, dynamic=False, fullgraph=True)
+            self._step_fn = torch.compile(self.step_module, dynamic=False, fullgraph=True)
             self._pixels_fn = torch.compile(self.to_pixels, dynamic=False, fullgraph=True)
         else:
-            self._step_fn, self._pixels_fn = self.step, self.to_pixels
+            self._step_fn, self._pixels_fn = self.step_module, self.to_pixels
         self._tables: dict[int, StepTables] = {}
-        self._captured: dict[tuple, CapturedStep] = {}
-        self._pool = None
+        self._batches: dict[tuple[int, int], DecoderBatch] = {}  # latent (h, w) -> its continuous batch
+        self._where: dict[Hashable, tuple[int, int]] = {}  # key -> latent size of its batch
 
-    # ------------------------------------------------------------------------------ public
+    # ------------------------------------------------------------------------------ continuous batching
+
+    def has_room(self, latent_hw: tuple[int, int]) -> bool:
+        batch = self._batches.get(tuple(latent_hw))
+        return batch is None or len(batch.slots) < batch.capacity
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    @torch.inference_mode()
+    def admit(self, key: Hashable, feats: Tensor, uncond: Tensor, noise: Tensor, steps: int, guidance: float) -> None:
+        """Start denoising one image: feats, uncond [Q, C]; noise [4, h, w] standard normal (unscaled)."""
+        hw = tuple(noise.shape[-2:])
+        if key in self._where:
+            raise ValueError(f"decoder key {key!r} is already admitted")
+        if not self.has_room(hw):
+            raise RuntimeError(f"the decoder batch for latents {hw} is full ({self.max_batch} images)")
+        batch = self._batch(hw, feats.shape[-2], feats.shape[-1])
+        s = len(batch.slots)
+        tables = self.tables(steps)
+        cfg = guidance > 1.0
+        embeds = torch.stack([feats, uncond if cfg else torch.zeros_like(uncond)]).to(self.device, self.dtype)
+        pooled = embeds.mean(dim=1)  # [2, C] SDXL "text_embeds" = mean over tokens
+        time_ids = self._time_ids(hw, 2)
+        batch.add_emb[2 * s:2 * s + 2] = self.unet.added_embed(pooled, time_ids, self.dtype)
+        for (k_buf, v_buf), (k, v) in zip(batch.cross_kv, self.unet.precompute_cross_kv(embeds)):
+            k_buf[2 * s:2 * s + 2] = k
+            v_buf[2 * s:2 * s + 2] = v
+        batch.z[s] = noise.to(self.device, self.dtype) * tables.schedule.init_noise_sigma
+        batch.guidance[s] = guidance
+        batch.cfg[s] = cfg
+        batch.slots.append(_Slot(key, tables))
+        self._where[key] = hw
+
+    @torch.inference_mode()
+    def step(self) -> list[DecoderProgress]:
+        """ONE denoising step of every admitted image (one UNet call per latent size)."""
+        progress = []
+        for hw, batch in self._batches.items():
+            n = len(batch.slots)
+            if not n:
+                continue
+            for s, slot in enumerate(batch.slots):  # device-to-device copies of this step's table rows
+                batch.sigmas[s] = slot.tables.schedule.sigmas[slot.step:slot.step + 2]
+                batch.temb[s] = slot.tables.temb[slot.step]
+            b = (bucket_for(n, self.buckets) or n) if self.graphs.enabled else n
+            graph = self.graphs.get((hw, b), self._graph_run(batch, b)) if self.graphs.enabled else None
+            if graph is not None:
+                graph.replay()
+            else:
+                z, x0 = self._step_fn(*batch.rows(b))
+                batch.z[:b], batch.x0[:b] = z, x0
+            for slot in batch.slots:
+                slot.step += 1
+                progress.append(DecoderProgress(slot.key, slot.step, slot.total))
+        return progress
+
+    @torch.inference_mode()
+    def take(self, key: Hashable) -> Tensor:
+        """The final latents [4, h, w] of a finished image; frees its slot."""
+        batch, s = self._locate(key)
+        slot = batch.slots[s]
+        if slot.step != slot.total:
+            raise RuntimeError(f"image {key!r} has run {slot.step} of {slot.total} decoder steps")
+        latents = batch.z[s].clone()
+        self.release(key)
+        return latents
+
+    @torch.inference_mode()
+    def preview(self, key: Hashable) -> Tensor:
+        """The x0 prediction [4, h, w] of the image's last step (for partial images)."""
+        batch, s = self._locate(key)
+        return batch.x0[s].clone()
+
+    @torch.inference_mode()
+    def release(self, key: Hashable) -> bool:
+        """Drop an image (finished or aborted) from its batch; False if unknown."""
+        if key not in self._where:
+            return False
+        batch, s = self._locate(key)
+        last = len(batch.slots) - 1
+        if s != last:
+            batch.move(last, s)
+            batch.slots[s] = batch.slots[last]
+        batch.slots.pop()
+        batch.sigmas[last] = 1.0  # a padding row stays finite (σ = 0 would divide by zero)
+        del self._where[key]
+        return True
+
+    @torch.inference_mode()
+    def latents_to_pixels(self, latents: Tensor) -> Tensor:
+        """Sampler latents [B, 4, h, w] -> uint8 [B, H, W, 3], one image at a time (module docstring)."""
+        return torch.cat([self._pixels_fn(latents[i:i + 1]) for i in range(latents.shape[0])])
+
+    # ------------------------------------------------------------------------------ whole batches
 
     @torch.inference_mode()
     def decode(self, feats: Tensor, uncond: Tensor, noise: Tensor, steps: int, guidance: float,
                callback: StepCallback | None = None) -> Tensor:
-        """feats [B, Q, C] CLIP features; uncond [1 or B, Q, C] null features (stage 1 on " ");
-        noise [B, 4, h, w] standard normal, unscaled. Returns uint8 images [B, 8h, 8w, 3] on device."""
+        """feats [B, Q, C]; uncond [1 or B, Q, C] null features (stage 1 on " "); noise [B, 4, h, w] standard
+        normal, unscaled. Returns uint8 images [B, 8h, 8w, 3] on the device."""
         return self.latents_to_pixels(self.sample_latents(feats, uncond, noise, steps, guidance, callback))
 
     @torch.inference_mode()
     def sample_latents(self, feats: Tensor, uncond: Tensor, noise: Tensor, steps: int, guidance: float,
                        callback: StepCallback | None = None) -> Tensor:
-        """The UNet loop alone (arguments as `decode`): the sampler's final latents [B, 4, h, w]."""
+        """The UNet loop alone (arguments as `decode`): the final latents [B, 4, h, w], in waves of at most
+        `max_batch` images."""
         self._check(feats, uncond, noise)
-        tables = self.tables(steps)
-        cond = self.condition(feats, uncond, tuple(noise.shape[-2:]), guidance)
-        z = noise.to(self.device, self.dtype) * tables.schedule.init_noise_sigma  # [B, 4, h, w]
-        if self.use_cuda_graph:
-            return self._run_graph(z, cond, tables, callback)
-        return self._run_eager(z, cond, tables, callback)
-
-    @torch.inference_mode()
-    def latents_to_pixels(self, latents: Tensor) -> Tensor:
-        """Sampler latents [B, 4, h, w] -> uint8 [B, H, W, 3] (VAE, compiled when `compile`)."""
-        return self._pixels_fn(latents)
+        uncond = uncond.expand(feats.shape[0], -1, -1)
+        out = []
+        for start in range(0, feats.shape[0], self.max_batch):
+            keys = [("decode", start + i) for i in range(min(self.max_batch, feats.shape[0] - start))]
+            for i, key in enumerate(keys):
+                self.admit(key, feats[start + i], uncond[start + i], noise[start + i], steps, guidance)
+            for i in range(steps):
+                self.step()
+                if callback is not None:
+                    callback(i, steps)
+            out += [self.take(key) for key in keys]
+        return torch.stack(out)
 
     @torch.inference_mode()
     def tables(self, steps: int) -> StepTables:
@@ -230,80 +314,42 @@ class PixelDecoder:
             self._tables[steps] = StepTables(schedule, temb)
         return self._tables[steps]
 
-    @torch.inference_mode()
-    def condition(self, feats: Tensor, uncond: Tensor, latent_hw: tuple[int, int], guidance: float
-                  ) -> Conditioning:
-        """The per-request invariants, built as the reference builds the UNet's inputs."""
-        b = feats.shape[0]
-        embeds = feats.to(self.device, self.dtype)  # [B, Q, C]
-        if guidance > 1.0:
-            null = uncond.to(self.device, self.dtype).expand(b, -1, -1)
-            embeds = torch.cat([embeds, null])  # [2B, Q, C], cond first (spec §1.6)
-        pooled = embeds.mean(dim=1)  # [N, C] SDXL "text_embeds" = mean over tokens
+    # ------------------------------------------------------------------------------ internals
+
+    def _time_ids(self, latent_hw: tuple[int, int], rows: int) -> Tensor:
         h, w = latent_hw
-        s = self.latent_scale
-        time_ids = sdxl_time_ids(h * s, w * s, embeds.shape[0], self.dtype, self.device)  # [N, 6]
-        return Conditioning(
-            add_emb=self.unet.added_embed(pooled, time_ids, self.dtype),  # [N, T]
-            cross_kv=self.unet.precompute_cross_kv(embeds),
-            guidance=torch.full((), guidance, dtype=torch.float32, device=self.device))
+        return sdxl_time_ids(h * self.latent_scale, w * self.latent_scale, rows, self.dtype, self.device)
 
-    # ------------------------------------------------------------------------------ loops
+    def _batch(self, hw: tuple[int, int], num_tokens: int, channels: int) -> DecoderBatch:
+        """The continuous batch for latents of size hw, allocated on first use."""
+        if hw not in self._batches:
+            cap, dev, dt = self.max_batch, self.device, self.dtype
+            t = self.unet.cfg.time_embed_dim
+            probe = torch.zeros(1, num_tokens, channels, device=dev, dtype=dt)
+            kv = [(torch.zeros(2 * cap, *k.shape[1:], device=dev, dtype=dt),
+                   torch.zeros(2 * cap, *v.shape[1:], device=dev, dtype=dt))
+                  for k, v in self.unet.precompute_cross_kv(probe)]
+            self._batches[hw] = DecoderBatch(
+                z=torch.zeros(cap, self.unet.cfg.in_channels, *hw, device=dev, dtype=dt),
+                x0=torch.zeros(cap, self.unet.cfg.in_channels, *hw, device=dev, dtype=dt),
+                sigmas=torch.ones(cap, 2, device=dev, dtype=torch.float32),
+                temb=torch.zeros(cap, t, device=dev, dtype=dt), add_emb=torch.zeros(2 * cap, t, device=dev, dtype=dt),
+                guidance=torch.ones(cap, device=dev, dtype=torch.float32),
+                cfg=torch.zeros(cap, device=dev, dtype=torch.bool), cross_kv=kv)
+        return self._batches[hw]
 
-    def _run_eager(self, z: Tensor, cond: Conditioning, tables: StepTables,
-                   callback: StepCallback | None) -> Tensor:
-        sigmas, temb = tables.schedule.sigmas, tables.temb
-        steps = tables.schedule.num_steps
-        for i in range(steps):  # no host syncs: the step reads views of device tables
-            z = self._step_fn(z, sigmas[i:i + 2], temb[i], cond.add_emb, cond.guidance, cond.cross_kv)
-            if callback is not None:
-                callback(i, steps)
-        return z
+    def _graph_run(self, batch: DecoderBatch, b: int):
+        """The closure a step graph captures: the step over the first b slots, latents advanced in place."""
+        def run() -> Tensor:
+            z, x0 = self._step_fn(*batch.rows(b))
+            batch.z[:b].copy_(z)
+            batch.x0[:b].copy_(x0)
+            return batch.z
+        return run
 
-    def _run_graph(self, z: Tensor, cond: Conditioning, tables: StepTables,
-                   callback: StepCallback | None) -> Tensor:
-        captured = self._capture(z, cond)
-        captured.load(z, cond)
-        sigmas, temb = tables.schedule.sigmas, tables.temb
-        steps = tables.schedule.num_steps
-        for i in range(steps):  # no host syncs: device-to-device row copies, then a replay
-            captured.sigmas.copy_(sigmas[i:i + 2])
-            captured.temb.copy_(temb[i])
-            captured.graph.replay()
-            if callback is not None:
-                callback(i, steps)
-        return captured.z.clone()  # the static buffer is overwritten by the next decode
-
-    def _capture(self, z: Tensor, cond: Conditioning) -> CapturedStep:
-        """The graph for this input shape, captured on first use (after warm-up, which also
-        compiles, on a side stream as CUDA graph capture requires)."""
-        key = (tuple(z.shape), tuple(cond.add_emb.shape), tuple(cond.cross_kv[0][0].shape))
-        if key in self._captured:
-            return self._captured[key]
-        d = self.device
-        static = CapturedStep(
-            z=torch.zeros_like(z), sigmas=torch.zeros(2, dtype=torch.float32, device=d),
-            temb=torch.zeros(cond.add_emb.shape[-1], dtype=self.dtype, device=d),
-            add_emb=torch.empty_like(cond.add_emb), guidance=torch.empty_like(cond.guidance),
-            # empty_like keeps project_kv's transposed strides, so the graph sees eager's layout.
-            cross_kv=[(torch.empty_like(k), torch.empty_like(v)) for k, v in cond.cross_kv])
-        static.load(z, cond)
-        static.sigmas.copy_(torch.tensor([1.0, 0.5]))  # any finite window for warm-up
-        side = torch.cuda.Stream(d)
-        side.wait_stream(torch.cuda.current_stream(d))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # compiles / autotunes; initialises cuBLAS workspaces
-                self._step_fn(*static.args())
-        torch.cuda.current_stream(d).wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        static.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(static.graph, pool=self._pool):
-            static.z.copy_(self._step_fn(*static.args()))
-        self._captured[key] = static
-        return static
-
-    # ------------------------------------------------------------------------------ checks
+    def _locate(self, key: Hashable) -> tuple[DecoderBatch, int]:
+        batch = self._batches[self._where[key]]
+        return batch, next(i for i, slot in enumerate(batch.slots) if slot.key == key)
 
     def _check(self, feats: Tensor, uncond: Tensor, noise: Tensor) -> None:
         if feats.ndim != 3:
@@ -317,4 +363,4 @@ class PixelDecoder:
             raise InputError(f"noise must be [{b}, {c}, h, w], got {list(noise.shape)}")
 
 
-__all__ = ["PixelDecoder", "DecoderStep", "LatentsToPixels", "StepTables", "Conditioning", "CapturedStep"]
+__all__ = ["DecoderBatch", "DecoderProgress", "DecoderStep", "LatentsToPixels", "PixelDecoder", "StepTables"]

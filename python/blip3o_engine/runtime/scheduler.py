@@ -221,6 +221,32 @@ class Scheduler:
             self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
         return finished
 
+    def make_room(self, num_blocks: int) -> list[str]:
+        """Free pool blocks for work outside the schedule (a prefill computed alone, between steps): preempt
+        the newest running requests until `num_blocks` blocks are free. Returns the preempted ids; raises
+        CapacityError if the pool cannot hold that many blocks at all."""
+        if self._pending is not None:
+            raise RuntimeError("make_room() runs between steps, not while one is scheduled")
+        if num_blocks > self.kv.num_blocks:
+            raise CapacityError(f"{num_blocks} KV blocks are needed but the pool holds {self.kv.num_blocks}")
+        preempted = []
+        while self.kv.num_free_blocks < num_blocks and self.running:
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+        return preempted
+
+    def discard_pending(self) -> list[str]:
+        """Forget the latest schedule() whose step failed: its requests are aborted (their work is lost with
+        the step; the caller fails them). Returns their ids."""
+        if self._pending is None:
+            return []
+        ids = [s.request_id for s in self._pending.scheduled]
+        self._pending = None
+        for rid in ids:
+            self.abort(rid)
+        return ids
+
     def abort(self, request_id: str) -> bool:
         """Finish a waiting or running request with reason abort, freeing its blocks. Returns False if
         the request is unknown or already finished."""

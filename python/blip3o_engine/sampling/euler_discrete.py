@@ -1,9 +1,9 @@
-"""Stage-2 sampler: diffusers' EulerDiscreteScheduler (SDXL-base config) as pure functions (spec §1.6).
+"""Stage-2 sampler: diffusers' EulerDiscreteScheduler (SDXL-base config) as pure functions (docs/model_spec.md §1.6).
 
 The schedule is built once per step count (on the host, with the very numpy/torch calls diffusers
 uses, so timesteps and sigmas are bitwise equal) and moved to the device. The loop then only indexes
 device tensors with a Python step number: no mutable step index, no host tables, no host syncs
-(ARCHITECTURE §7.7), so a step can be captured in a CUDA graph.
+(docs/ARCHITECTURE.md §7.7), so a step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..config import EulerSchedulerConfig
+from .guidance import cfg_combine
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,29 +78,54 @@ def euler_discrete_schedule(cfg: EulerSchedulerConfig, num_steps: int,
 
 
 def scale_model_input(x: Tensor, sigmas: Tensor, i: int) -> Tensor:
-    """x / sqrt(σ_i² + 1), in x's dtype (σ_i is a 0-dim fp32 tensor, which does not promote x)."""
-    sigma = sigmas[i]
-    return x / ((sigma**2 + 1) ** 0.5)
+    """x / sqrt(σ_i² + 1) (`scale_by_sigma` at step i of a schedule)."""
+    return scale_by_sigma(x, sigmas[i])
+
+
+def scale_by_sigma(x: Tensor, sigma: Tensor) -> Tensor:
+    """x / sqrt(σ² + 1) in fp32, rounded once to x's dtype. sigma: a 0-dim fp32 tensor, or one per row
+    (`[B, 1, 1, 1]`, the continuously batched decoder). Written out in fp32 because that is what torch does
+    for a 0-dim fp32 σ and a reduced-precision x on CPU (diffusers' run), and a per-row σ would otherwise
+    promote the whole division to fp32."""
+    return (x.float() / ((sigma**2 + 1) ** 0.5)).to(x.dtype)
 
 
 def euler_step(x: Tensor, eps: Tensor, sigmas: Tensor, i: int) -> Tensor:
-    """One Euler step from σ_i to σ_{i+1} for ε-prediction, returned in eps' dtype.
+    """One Euler step from σ_i to σ_{i+1} of a schedule (`euler_update`)."""
+    return euler_update(x, eps, sigmas[i], sigmas[i + 1])
 
-    Written in diffusers' `step` order (s_churn = 0, so σ̂ = σ): upcast x to fp32, x0 = x - σ·ε
-    (σ·ε in ε's dtype, as there), d = (x - x0) / σ, x + d·(σ_{i+1} - σ). Algebraically x + (σ' - σ)·ε;
-    kept in this form so results are bitwise equal to diffusers' (fp32 and bf16, on CPU).
 
-    Expected (not yet measured) bf16 difference on CUDA only: diffusers keeps its sigmas on the host,
-    and CUDA kernels read a host 0-dim tensor at fp32 precision, while a device-resident σ_i is cast
-    to bf16 inside bf16 kernels (σ·ε here and the division in `scale_model_input`): at most one bf16
-    rounding apart per step. fp32 runs are unaffected.
+def euler_update(x: Tensor, eps: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+    """One Euler step from σ to σ_next for ε-prediction, returned in eps' dtype. sigma, sigma_next: 0-dim
+    fp32 tensors, or one per row (`[B, 1, 1, 1]`).
+
+    Written in diffusers' `step` order (s_churn = 0, so σ̂ = σ): upcast x to fp32, x0 = x - σ·ε (σ·ε in
+    ε's dtype, with σ rounded to it first: what torch does for a 0-dim fp32 σ on CPU), d = (x - x0) / σ,
+    x + d·(σ_next - σ). Algebraically x + (σ' - σ)·ε; kept in this form so results are bitwise equal to
+    diffusers' (fp32 and bf16, on CPU).
+
+    Expected (not yet measured) bf16 difference on CUDA only: diffusers keeps its sigmas on the host, and
+    CUDA kernels read a host 0-dim tensor at fp32 precision, where σ·ε here rounds σ to bf16 first: at most
+    one bf16 rounding apart per step. fp32 runs are unaffected.
     """
     sample = x.to(torch.float32)
-    sigma = sigmas[i]
-    pred_original = sample - sigma * eps
+    pred_original = sample - sigma.to(eps.dtype) * eps
     derivative = (sample - pred_original) / sigma
-    dt = sigmas[i + 1] - sigma
-    return (sample + derivative * dt).to(eps.dtype)
+    return (sample + derivative * (sigma_next - sigma)).to(eps.dtype)
+
+
+def euler_cfg_step(model_fn: Callable[[Tensor, Tensor], Tensor], z: Tensor, schedule: EulerSchedule, i: int,
+                   guidance: float) -> Tensor:
+    """Step i of the reference sampler (`sample_euler`'s loop body): model on [z, z] with CFG (conditions
+    ordered [cond, uncond]) or on z alone, then the Euler update."""
+    sigmas = schedule.sigmas
+    z_in = scale_model_input(z, sigmas, i)
+    cfg = guidance > 1.0
+    eps = model_fn(torch.cat([z_in, z_in]) if cfg else z_in, schedule.timesteps[i])
+    if cfg:
+        eps_c, eps_u = eps.chunk(2)
+        eps = cfg_combine(eps_u, eps_c, guidance)
+    return euler_step(z, eps, sigmas, i)
 
 
 def sample_euler(model_fn: Callable[[Tensor, Tensor], Tensor], noise: Tensor, schedule: EulerSchedule,
@@ -108,22 +134,16 @@ def sample_euler(model_fn: Callable[[Tensor, Tensor], Tensor], noise: Tensor, sc
 
     `model_fn(latent_in, t) -> ε`: with guidance > 1 the latent input is `cat([z, z])` [2B, ...] and
     the model's conditioning batch must be ordered **[cond, uncond]**: ε_c, ε_u = ε.chunk(2), then
-    ε = ε_u + g·(ε_c − ε_u) (the reference pipeline's order, spec §1.6). With guidance <= 1 the input
+    ε = ε_u + g·(ε_c − ε_u) (the reference pipeline's order, docs/model_spec.md §1.6). With guidance <= 1 the input
     is z alone. `t` is a 0-dim fp32 device tensor. `callback(i, S)` runs after step i.
     """
-    sigmas, steps = schedule.sigmas, schedule.num_steps
-    cfg = guidance > 1.0
     z = noise * schedule.init_noise_sigma
-    for i in range(steps):  # no host syncs inside: everything indexed here lives on the device
-        z_in = scale_model_input(z, sigmas, i)
-        eps = model_fn(torch.cat([z_in, z_in]) if cfg else z_in, schedule.timesteps[i])
-        if cfg:
-            eps_c, eps_u = eps.chunk(2)
-            eps = eps_u + guidance * (eps_c - eps_u)
-        z = euler_step(z, eps, sigmas, i)
+    for i in range(schedule.num_steps):  # no host syncs inside: everything indexed here lives on the device
+        z = euler_cfg_step(model_fn, z, schedule, i, guidance)
         if callback is not None:
-            callback(i, steps)
+            callback(i, schedule.num_steps)
     return z
 
 
-__all__ = ["EulerSchedule", "euler_discrete_schedule", "scale_model_input", "euler_step", "sample_euler"]
+__all__ = ["EulerSchedule", "euler_cfg_step", "euler_discrete_schedule", "euler_step", "euler_update",
+           "sample_euler", "scale_by_sigma", "scale_model_input"]

@@ -1,9 +1,9 @@
-"""Stage-1 flow-matching sampler (spec §1.5) as pure functions.
+"""Stage-1 flow-matching sampler (docs/model_spec.md §1.5) as pure functions.
 
 The official code drives diffusers' `FlowMatchEulerDiscreteScheduler` (num_train_timesteps 1000, shift 1)
 with `set_timesteps(sigmas=np.linspace(1, 1/S, S))` and a CFG Euler loop. Here the schedule is a pair of
 device tensors computed once (`flow_match_sigmas`) and a step is a function of `(sigmas, i)`
-(`flow_match_euler_step`): no scheduler object, no mutable step index (ARCHITECTURE §7.7). Schedule
+(`flow_match_euler_step`): no scheduler object, no mutable step index (docs/ARCHITECTURE.md §7.7). Schedule
 values equal diffusers' bit for bit; so does every step as the official code runs it (velocity on CUDA,
 sigmas on the host) — see `flow_match_euler_step` and tests/unit/test_flow_match.py.
 
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from .guidance import cfg_combine
 
 # model_fn(x_in [B' , C, S, S], t_int [B'] int64) -> velocity [B', C, S, S]; see sample_flow.
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -44,7 +45,13 @@ def flow_match_sigmas(num_steps: int, shift: float = 1.0, num_train_timesteps: i
 
 
 def flow_match_euler_step(x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor, i: int) -> torch.Tensor:
-    """One Euler step x ← x + (σ_{i+1} − σ_i)·v, rounded as diffusers' scheduler does in the official run.
+    """One Euler step x ← x + (σ_{i+1} − σ_i)·v of a schedule (`flow_match_update`)."""
+    return flow_match_update(x, v, sigmas[i + 1] - sigmas[i])
+
+
+def flow_match_update(x: torch.Tensor, v: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """x ← x + dt·v, rounded as diffusers' scheduler does in the official run. dt: 0-dim fp32 (negative), or
+    one per row.
 
     diffusers computes `sample.float() + dt * model_output` with dt a 0-d fp32 tensor: the sum is fp32,
     but the product has the velocity's dtype (a 0-d tensor does not promote), then the result is cast
@@ -53,9 +60,27 @@ def flow_match_euler_step(x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor
     torch, a 0-d *device* tensor (or any CPU run) rounds dt itself to fp16/bf16 before multiplying.
     Identity for fp32.
     """
-    dt = sigmas[i + 1] - sigmas[i]  # 0-d fp32, negative
     step = (dt * v.float()).to(v.dtype)
     return (x.float() + step).to(x.dtype)
+
+
+def flow_cfg_velocity(v: torch.Tensor, guidance: float | torch.Tensor) -> torch.Tensor:
+    """A CFG batch's velocities `[2B, ...]` (uncond rows first, docs/model_spec.md §1.5) -> the guided `[B, ...]`:
+    v_u + g·(v_c − v_u), product in fp32 rounded once (`guidance.cfg_combine`)."""
+    v_uncond, v_cond = v.chunk(2)
+    return cfg_combine(v_uncond, v_cond, guidance)
+
+
+def flow_cfg_step(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor, i: int,
+                  guidance: float) -> torch.Tensor:
+    """Step i of the reference loop (`sample_flow`'s body): the model on [x, x] (CFG) or x, then Euler."""
+    use_cfg = guidance > 1.0
+    x_in = torch.cat([x, x]) if use_cfg else x  # [2B or B, C, S, S]
+    t = timesteps[i].to(torch.int64).expand(x_in.shape[0])  # [2B or B]
+    v = model_fn(x_in, t)
+    if use_cfg:
+        v = flow_cfg_velocity(v, guidance)
+    return flow_match_euler_step(x, v, sigmas, i)
 
 
 def sample_flow(model_fn: ModelFn, noise: torch.Tensor, steps: int, guidance: float,
@@ -64,7 +89,7 @@ def sample_flow(model_fn: ModelFn, noise: torch.Tensor, steps: int, guidance: fl
 
     Conditions are closed over by `model_fn(x_in, t)`, which returns velocities for `x_in`:
     - `guidance > 1`: `x_in = cat([x, x])` `[2B, ...]`; the first half is the unconditional branch
-      (spec §1.5: uncond first), so the caller's DiT closure uses the caption batch
+      (docs/model_spec.md §1.5: uncond first), so the caller's DiT closure uses the caption batch
       `cat([zeros_like(C), C])`. The velocity is `v_u + guidance·(v_c − v_u)`.
     - otherwise: `x_in = x` `[B, ...]` with the caption `C` alone (no CFG).
     `t` is the timestep truncated to int64 like the official code, `[B_in]`, 1000 = noise.
@@ -72,19 +97,13 @@ def sample_flow(model_fn: ModelFn, noise: torch.Tensor, steps: int, guidance: fl
     The loop never reads device values on the host, so it does not synchronise.
     """
     sigmas, timesteps = flow_match_sigmas(steps, shift=shift, device=noise.device)
-    use_cfg = guidance > 1.0
     x = noise
     for i in range(steps):
-        x_in = torch.cat([x, x]) if use_cfg else x  # [2B or B, C, S, S]
-        t = timesteps[i].to(torch.int64).expand(x_in.shape[0])  # [2B or B]
-        v = model_fn(x_in, t)
-        if use_cfg:
-            v_uncond, v_cond = v.chunk(2)
-            v = v_uncond + guidance * (v_cond - v_uncond)
-        x = flow_match_euler_step(x, v, sigmas, i)
+        x = flow_cfg_step(model_fn, x, sigmas, timesteps, i, guidance)
         if callback is not None:
             callback(i, steps)
     return x
 
 
-__all__ = ["flow_match_sigmas", "flow_match_euler_step", "sample_flow", "ModelFn"]
+__all__ = ["flow_match_sigmas", "flow_match_euler_step", "flow_match_update", "flow_cfg_velocity", "flow_cfg_step",
+           "sample_flow", "ModelFn"]

@@ -185,7 +185,7 @@ def train_demo(out_dir: str | Path, seed: int = 0, threads: int | None = None, r
 def evaluate_checkpoint(path: str | Path, rounds: int = 1, chat_images: int = 48) -> dict:
     """A quick check of a written checkpoint on the reference backend: the text-to-image match rate
     over the 12 prompts (`rounds` seeds each) and the chat accuracy on rendered shapes."""
-    from ..runtime.engine import Engine
+    from ..engine import Engine
     from .evaluate import evaluate_chat, evaluate_t2i
 
     start = time.perf_counter()

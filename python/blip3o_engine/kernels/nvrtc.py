@@ -1,4 +1,5 @@
-"""Build and launch layer for the CUDA C++ kernels in `kernels/cuda/*.cu`: NVRTC + the driver API.
+"""Build and launch layer for the CUDA C++ kernels in `kernels/cuda/*.cu` (installed as
+`blip3o_engine/kernels/cuda/`): NVRTC + the driver API.
 
 Why this path: the CPU torch of CI cannot build CUDA extensions, and the GPU machine runs another Python
 and torch, so the `.cu` sources ship as package data and are compiled at first use by NVRTC through
@@ -16,7 +17,8 @@ plain ints (the launchers in `kernels/cuda/*.py` take them from torch).
   cuModuleGetFunction) into the device's primary context — the context torch uses — once per process
   (a cubin for the device's exact `sm_XY`, see `device_arch`);
   `CudaKernel.launch(grid, block, args, stream)` calls cuLaunchKernel, so it is captured by CUDA graphs.
-- `compile_all(archs)`: every `.cu` of `kernels/cuda` for every arch, uncached (the CI gate).
+- `compile_all(archs)`: every `.cu` of `kernels/cuda` for every arch, uncached (the CI gate); by default
+  `gate_archs()`, the very archs `device_arch` picks on an A100 and an H100/H200 (`arch_for_capability`).
 
 Finding NVRTC: `cuda.bindings` loads libnvrtc through `cuda.pathfinder`, which looks in site-packages
 first, i.e. the `nvidia-cuda-nvrtc` wheel (`nvidia/cu13/lib/libnvrtc.so.13`), then the system (CUDA_HOME,
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.util
 import os
 import threading
 import time
@@ -41,10 +44,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-CUDA_DIR = Path(__file__).resolve().parent / "cuda"
+# The .cu sources: the folder of the `blip3o_engine.kernels.cuda` package (kernels/cuda in the repository,
+# which setup.py maps there; beside this file once installed from a wheel).
+CUDA_DIR = Path(importlib.util.find_spec(f"{__package__}.cuda").origin).resolve().parent
 
-# The targets CI compiles every .cu for: A100 (sm_80) and H100/H200 (sm_90a).
-GATE_ARCHS = ("sm_80", "sm_90a")
+# The GPUs the project targets, by compute capability: A100 (8.0) and H100/H200 (9.0).
+GATE_CAPABILITIES = (80, 90)
 
 # Same for every build. No fast-math: the kernels promise bitwise equality with their torch twins, so
 # division and sqrt stay IEEE round-to-nearest and denormals are kept (NVRTC's defaults, stated here).
@@ -210,11 +215,12 @@ def cuda_sources() -> list[Path]:
     return sorted(CUDA_DIR.glob("*.cu"))
 
 
-def compile_all(archs: Sequence[str] = GATE_ARCHS) -> list[tuple[str, str, float, bytes]]:
-    """The CI compile gate: compiles every `.cu` for every arch, bypassing the cache.
+def compile_all(archs: Sequence[str] | None = None) -> list[tuple[str, str, float, bytes]]:
+    """The CI compile gate: compiles every `.cu` for every arch (default `gate_archs()`), bypassing the cache.
 
     Returns (file name, arch, seconds, image) rows; collects all failures, then raises NvrtcError naming
     every broken (file, arch) with its log."""
+    archs = gate_archs() if archs is None else archs
     rows, failures = [], []
     for source in cuda_sources():
         for arch in archs:
@@ -253,20 +259,32 @@ def _primary_context(device: int) -> Any:
     return ctx
 
 
+def arch_for_capability(cc: int, supported: Sequence[int]) -> str:
+    """The NVRTC arch built for a device of compute capability `cc` (80, 90, ...) by an NVRTC that supports
+    `supported`: the exact `sm_XY` cubin when it knows cc, else PTX for the newest arch it knows below cc
+    (the driver JIT-compiles that forward). Pure, so the CI gate builds exactly what `device_arch` picks."""
+    known = [a for a in supported if a <= cc]
+    if cc in known:
+        return f"sm_{cc}"
+    if not known:
+        raise CudaError(f"sm_{cc} is older than every arch this NVRTC supports ({sorted(supported)})")
+    return f"compute_{max(known)}"
+
+
+def gate_archs() -> tuple[str, ...]:
+    """What the CI gate compiles: the arch `device_arch` picks for each GPU of GATE_CAPABILITIES with the
+    loaded NVRTC (sm_90, not sm_90a: an H100/H200 loads the plain sm_90 cubin)."""
+    supported = supported_archs()
+    return tuple(arch_for_capability(cc, supported) for cc in GATE_CAPABILITIES)
+
+
 def device_arch(device: int) -> str:
-    """The NVRTC arch to build for `device`: its exact `sm_XY` cubin when this NVRTC knows it, else PTX
-    for the newest arch it knows (the driver JIT-compiles that forward)."""
+    """The NVRTC arch to build for `device` (see `arch_for_capability`)."""
     attr = _bindings()[1].CUdevice_attribute
     dev = _driver_call("cuDeviceGet", device)
     major = _driver_call("cuDeviceGetAttribute", attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)
     minor = _driver_call("cuDeviceGetAttribute", attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)
-    cc = 10 * major + minor
-    known = [a for a in supported_archs() if a <= cc]
-    if cc in known:
-        return f"sm_{cc}"
-    if not known:
-        raise CudaError(f"device {device} (sm_{cc}) is older than every arch NVRTC supports")
-    return f"compute_{max(known)}"
+    return arch_for_capability(10 * major + minor, supported_archs())
 
 
 @dataclass(frozen=True)
@@ -315,7 +333,7 @@ def get_kernel(filename: str, function: str, device: int) -> CudaKernel:
 
 
 __all__ = [
-    "CUDA_DIR", "GATE_ARCHS", "CudaError", "NvrtcError", "CudaKernel",
+    "CUDA_DIR", "GATE_CAPABILITIES", "CudaError", "NvrtcError", "CudaKernel",
     "nvrtc_version", "supported_archs", "compile_source", "cache_dir", "cache_key", "build",
-    "cuda_sources", "compile_all", "device_arch", "get_kernel",
+    "cuda_sources", "compile_all", "arch_for_capability", "gate_archs", "device_arch", "get_kernel",
 ]

@@ -1,6 +1,9 @@
-"""Request-level AR engine: continuous batching over a paged KV cache.
+"""The AR stage of the optimized backend: the language model's requests, continuously batched over a paged
+KV cache.
 
-    add_request(id, prompt, params)  ->  step() -> [RequestOutput, ...]  ... until not has_unfinished()
+    add_request(id, prompt, params) / add_t2i_request(id, prompt)  ->  step() -> [RequestOutput, ...]
+
+It serves the engine's step loop (`runtime/step_loop.py`), which routes its outputs by request kind.
 
 Each `step()` runs one scheduler step (`runtime/scheduler.py`: chunked prefill, decode, preemption
 by recompute, prefix caching in `runtime/kv_manager.py`), one forward of the paged model
@@ -19,7 +22,7 @@ Each image enters the prefix-cache hash chain through a sha256 of its pixels and
 prompts share cached image blocks only when the images are equal.
 
 Text-to-image prefill (`add_t2i_request`): a prefill-only request whose sequence is the T2I prompt
-followed by the Q latent queries, at 1-D positions 0..L+Q-1 on all three RoPE axes (spec §1.3), also
+followed by the Q latent queries, at 1-D positions 0..L+Q-1 on all three RoPE axes (docs/model_spec.md §1.3), also
 with an input image. It is scheduled like any prompt (chunked, batched with chat, preempted), samples
 nothing, and finishes once every row has its KV; its one output carries the post-final-norm hidden
 states of the queries `[Q, H]`. The query rows have no token ids: they hold the placeholder
@@ -41,16 +44,18 @@ for only in the held-back characters and the new text, so the text costs time li
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, InputError
+from ..engine_config import EngineConfig
+from ..errors import CapacityError, ConfigError, InputError
 from ..models.blip3o import Blip3oModel
 from ..models.qwen2_5_vl import get_mrope_positions
+from ..outputs import RequestOutput
 from ..ops.sampling_ops import prepare_logits
 from ..params import SamplingParams
 from ..prompts import PreparedPrompt
@@ -58,24 +63,11 @@ from ..sampling.text import apply_top_p
 from ..tokenization import SpecialTokens
 from .detokenizer import IncrementalDetokenizer
 from .kv_manager import ImageSpan, KVBlockManager
-from .model_runner import ModelRunner, RunnerConfig, StepInputs
+from .limits import check_context
+from .cuda_graphs import GraphPool
+from .model_runner import ModelRunner, StepInputs, inference_mode
 from .reference import find_stop_string, stop_token_ids
-from .scheduler import Request, Scheduler, SchedulerOutput
-
-
-@dataclass
-class RequestOutput:
-    """What one step produced for one request."""
-
-    request_id: str
-    new_token_ids: list[int]
-    text_delta: str
-    finished: bool
-    finish_reason: str | None  # "stop" | "length" when finished, else None
-    token_ids: list[int] = field(default_factory=list)  # all generated ids so far (stop token included)
-    text: str = ""  # the text so far (the final text once finished)
-    prompt_tokens: int = 0
-    hidden_states: Tensor | None = None  # T2I prefill: [Q, H] post-final-norm states of the latent queries
+from .scheduler import Request, ScheduledRequest, Scheduler, SchedulerOutput
 
 
 # The token id held by a T2I request's latent-query rows (module docstring).
@@ -114,33 +106,35 @@ def image_content_hash(pixel_values: Tensor, grid: tuple[int, int, int], salt: b
     return int.from_bytes(h.digest()[:8], "little")
 
 
-class LLMEngine:
-    """Continuously batched chat generation over one `Blip3oModel` (module docstring)."""
+class ARStage:
+    """Continuously batched chat generation and T2I prefills over one `Blip3oModel` (module docstring)."""
 
-    def __init__(self, model: Blip3oModel, tokenizer: Any, special: SpecialTokens,
-                 runner_config: RunnerConfig | None = None, enable_prefix_caching: bool = True,
-                 long_prefill_chunk: int | None = None) -> None:
+    def __init__(self, model: Blip3oModel, tokenizer: Any, special: SpecialTokens, config: EngineConfig,
+                 num_blocks: int, max_model_len: int, graph_pool: GraphPool | None = None) -> None:
+        """num_blocks / max_model_len: the memory plan's KV pool and request bound."""
         self.model = model
         self.tokenizer = tokenizer
         self.special = special
-        self.config = runner_config or RunnerConfig()
-        self.runner = ModelRunner(model.text, self.config)
-        self.kv = KVBlockManager(self.runner.layout.num_blocks, self.config.block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, self.config.max_num_seqs, self.config.max_num_batched_tokens,
-                                   long_prefill_chunk)
+        self.config = config
+        self.runner = ModelRunner(model.text, config, num_blocks, max_model_len, graph_pool)
+        self.kv = KVBlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        sched = config.scheduler
+        self.scheduler = Scheduler(self.kv, sched.max_num_seqs, sched.max_num_batched_tokens, sched.long_prefill_chunk)
         self._states: dict[str, _State] = {}
+
+    @property
+    def max_model_len(self) -> int:
+        return self.runner.max_model_len
 
     # ------------------------------------------------------------------------------ requests
 
     def add_request(self, request_id: str, prompt: PreparedPrompt, params: SamplingParams) -> None:
         """Queue a request. Raises InputError past the model's context, CapacityError if it could not
         fit the KV pool even alone, ValueError for an id in use."""
-        n = len(prompt.token_ids)
-        if n + params.max_tokens > self.runner.max_model_len:
-            raise InputError(f"prompt + max_tokens = {n + params.max_tokens} exceeds the model's context of "
-                             f"{self.runner.max_model_len} tokens")
+        check_context("prompt + max_tokens", len(prompt.token_ids) + params.max_tokens, self.max_model_len,
+                      self.model.cfg.text.max_position_embeddings)
         state = self._new_state(request_id, prompt, params)
-        self.scheduler.add_request(state.request)  # CapacityError / ValueError before anything is kept
+        self.scheduler.add_request(state.request)  # CapacityError before anything is kept
         self._states[request_id] = state
 
     def add_t2i_request(self, request_id: str, prompt: PreparedPrompt) -> None:
@@ -150,9 +144,8 @@ class LLMEngine:
             raise ConfigError("this checkpoint has no latent queries: it cannot generate images")
         q = self.model.queries.weight.shape[1]
         n = len(prompt.token_ids) + q
-        if n > self.runner.max_model_len:
-            raise InputError(f"prompt + {q} latent queries = {n} tokens exceeds the model's context of "
-                             f"{self.runner.max_model_len} tokens")
+        check_context(f"prompt + {q} latent queries", n, self.max_model_len,
+                      self.model.cfg.text.max_position_embeddings)
         state = self._new_t2i_state(request_id, prompt, q)
         self.scheduler.add_request(state.request)
         self._states[request_id] = state
@@ -161,6 +154,14 @@ class LLMEngine:
         """Stop a request now and free its blocks; False if it is unknown or already finished."""
         self._states.pop(request_id, None)
         return self.scheduler.abort(request_id)
+
+    def fail_pending_step(self) -> list[str]:
+        """After `step` raised: abort the requests of the failed step (their work is lost) and return their ids,
+        so the caller fails exactly them and the stage stays usable."""
+        ids = self.scheduler.discard_pending()
+        for rid in ids:
+            self._states.pop(rid, None)
+        return ids
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished_requests
@@ -215,12 +216,53 @@ class LLMEngine:
             patch += patches
         return tuple(spans)
 
-    # ------------------------------------------------------------------------------ stepping
+    def stats(self) -> dict[str, int]:
+        """Requests by kind and state, and KV blocks, for `Engine.stats()`."""
+        sched = self.scheduler
+        t2i_running = sum(1 for r in sched.running if r.prefill_only)
+        t2i_waiting = sum(1 for r in sched.waiting if r.prefill_only)
+        return {"chat_running": len(sched.running) - t2i_running, "chat_waiting": len(sched.waiting) - t2i_waiting,
+                "t2i_running": t2i_running, "t2i_waiting": t2i_waiting,
+                "kv_blocks_used": self.kv.num_blocks - self.kv.num_free_blocks,
+                "kv_blocks_total": self.kv.num_blocks}
+
+    # ------------------------------------------------------------------------------ isolated prefill
 
     @torch.inference_mode()
+    def encode_alone(self, prompt: PreparedPrompt) -> Tensor:
+        """The query states `[Q, H]` of one T2I prompt, computed in steps of its own (no other sequence in
+        the batch, no prefix-cache hit), so the result depends on nothing else in flight. Runs between
+        scheduled steps, on blocks freed for it (the newest running requests are preempted if the pool is
+        full: they recompute later, as after any preemption)."""
+        q = self.model.queries.weight.shape[1]
+        rid = "\0alone"  # never a user id: the step loop checks ids, and this one is never scheduled
+        state = self._new_t2i_state(rid, prompt, q)
+        n = len(state.request.token_ids)
+        self.scheduler.make_room(self.kv.blocks_for(n))
+        if not self.kv.allocate_slots(rid, n):
+            raise CapacityError(f"no room for a {n}-token prefill in the KV pool ({self.kv.num_blocks} blocks)")
+        try:
+            table, chunk = list(self.kv.block_table(rid)), self.runner.max_tokens
+            for start in range(0, n, chunk):
+                new = state.request.token_ids[start:start + chunk]
+                out = SchedulerOutput([ScheduledRequest(rid, start, len(new), new, table, True, False)], [], [])
+                self._encode_images(out, [state])
+                inputs, query_slices = self._step_inputs(out, [state])
+                _, hidden = self.runner.execute(inputs)
+                self._store_query_states(hidden, query_slices)
+        finally:
+            self.kv.free(rid)
+        return state.hidden
+
+    # ------------------------------------------------------------------------------ stepping
+
     def step(self) -> list[RequestOutput]:
         """One scheduler step + forward + sampling; outputs of the requests that sampled a token and of
         the T2I prefills that finished."""
+        with inference_mode():
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         if not out.scheduled:
             self.scheduler.update_from_output(out, {})
@@ -375,4 +417,4 @@ class LLMEngine:
         # request's list keeps growing, and an output already handed out must not change under its holder
 
 
-__all__ = ["LLMEngine", "QUERY_PLACEHOLDER_ID", "RequestOutput", "image_content_hash"]
+__all__ = ["ARStage", "QUERY_PLACEHOLDER_ID", "RequestOutput", "image_content_hash"]

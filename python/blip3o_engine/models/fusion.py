@@ -24,7 +24,7 @@ from torch import Tensor, nn
 def _fused_group(linears: Sequence[nn.Linear]) -> tuple[Tensor, Tensor | None] | None:
     """The (weight, bias) an earlier `fuse_linears` call built for exactly these layers, if any."""
     group = getattr(linears[0], "_blip3o_fused", None)
-    if group is not None and group[0] == tuple(map(id, linears)):
+    if group is not None and group[0] == tuple(map(id, linears)) and is_live(group[1], linears[0]):
         return group[1], group[2]
     return None
 
@@ -67,4 +67,13 @@ def fuse_linears(linears: Sequence[nn.Linear], in_major: bool = False) -> tuple[
     return weight, bias
 
 
-__all__ = ["fuse_linears"]
+def is_live(fused: Tensor | None, first: nn.Linear) -> bool:
+    """Whether `fused` (a matrix `fuse_linears` built, its first rows `first`'s weight) still holds the
+    layers' weights: False once the module was converted (`.to(dtype)`, `.double()`), reloaded with
+    `assign=True` or deep-copied and converted — then the layers' own weights are the truth and a caller
+    runs them unfused. One pointer comparison: cheap enough for every forward."""
+    # A converted or reloaded weight is a new tensor with new storage, so the pointer alone tells.
+    return fused is not None and fused.data_ptr() == first.weight.data_ptr()
+
+
+__all__ = ["fuse_linears", "is_live"]

@@ -1,0 +1,185 @@
+"""The step loop (runtime/step_loop.py): chat and images in one loop, continuous batching of denoising.
+
+An image must be the same whatever it is batched with and whenever it joins (within 1 uint8 level: batch
+composition changes fp32 GEMM blocking, ~1e-6 relative, which can flip a value sitting on a rounding
+boundary); chat tokens must be the same with images in flight (greedy, fp32: identical); aborts free
+everything at every stage; `stats()` returns to zero. Both backends run the same loop.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from blip3o_engine import ImageParams, SamplingParams
+from blip3o_engine.runtime import reference
+from _paged_util import Recorder, optimized_engine  # tests/parity is on sys.path (tests/conftest.py)
+
+GREEDY = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True)
+CHATS = {"c0": [{"role": "user", "content": "Describe a red apple on a wooden table, please."}],
+         "c1": [{"role": "user", "content": "Tell me a long story about " + "many " * 12 + "dragons."}]}
+# Different step counts and guidance, one without decoder CFG: rows at different timesteps of different schedules.
+IMAGES = {"i0": ("a red apple", ImageParams(seed=11, dit_steps=4, decoder_steps=6)),
+          "i1": ("a dog on the beach", ImageParams(seed=12, dit_steps=3, decoder_steps=5, decoder_guidance=4.5)),
+          "i2": ("x", ImageParams(seed=13, dit_steps=4, decoder_steps=4, decoder_guidance=1.0)),
+          "i3": ("a lighthouse at night", ImageParams(seed=14, dit_steps=2, decoder_steps=7, dit_guidance=1.0))}
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.image, dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_engine):
+    """Every image generated alone, and every chat answered alone, by a fresh optimized engine."""
+    eng = optimized_engine(tiny_engine, block_size=4, num_blocks=256)
+    images = {rid: pixels(eng.generate_image(p, params)) for rid, (p, params) in IMAGES.items()}
+    chats = {rid: eng.chat(m, GREEDY).token_ids for rid, m in CHATS.items()}
+    return images, chats
+
+
+def run(eng, schedule: dict[int, list[str]], abort_at: dict[int, str] | None = None) -> dict:
+    """Submit requests at the given engine steps (chat ids c*, image ids i*), abort some at others; run to
+    the end. Returns {request_id: final output}."""
+    done, step = {}, 0
+    abort_at = abort_at or {}
+    while step in schedule or eng.has_unfinished() or any(s > step for s in schedule):
+        for rid in schedule.get(step, []):
+            if rid.startswith("c"):
+                eng.add_request(rid, CHATS[rid], GREEDY)
+            else:
+                eng.add_image_request(rid, *IMAGES[rid])
+        if step in abort_at:
+            assert eng.abort(abort_at[step])
+        for out in eng.step():
+            if out.finished:
+                assert out.request_id not in done
+                done[out.request_id] = out
+        step += 1
+        assert step < 500, "the loop did not finish"
+    return done
+
+
+def assert_idle(eng) -> None:
+    s = eng.stats()
+    assert (s.chat_running, s.chat_waiting, s.image_running, s.image_waiting) == (0, 0, 0, 0)
+    assert s.kv_blocks_used == 0 and sum(s.images_by_stage.values()) == 0 and not eng.has_unfinished()
+    if eng.backend == "optimized":
+        eng._ar.kv.check_invariants()
+        assert len(eng._decoder) == 0
+
+
+def test_images_join_at_different_steps_beside_chat(tiny_engine, alone):
+    """Images arriving while others are in the DiT or the decoder, chat interleaved: each image equals its
+    run alone within a level, each chat its tokens alone, bitwise."""
+    images_alone, chats_alone = alone
+    eng = optimized_engine(tiny_engine, block_size=4, num_blocks=256, max_image_batch=3, dit_steps_per_iteration=2)
+    done = run(eng, {0: ["c0", "i0"], 2: ["i1"], 3: ["c1"], 5: ["i2"], 7: ["i3"]})
+    for rid, want in images_alone.items():
+        got = pixels(done[rid].result)
+        assert np.abs(got - want).max() <= 1, rid
+    for rid, want in chats_alone.items():
+        assert done[rid].token_ids == want, rid
+    assert_idle(eng)
+
+
+def test_decoder_batch_is_continuous(tiny_engine):
+    """With max_image_batch 3 and four images, the fourth waits for a slot and joins while the others are
+    mid-way; every decoder step of an image is reported, in order."""
+    eng = optimized_engine(tiny_engine, block_size=4, num_blocks=256, max_image_batch=3)
+    seen: dict[str, list[int]] = {rid: [] for rid in IMAGES}
+    batch_sizes = []
+    step = eng._decoder.step
+
+    def counting_step():
+        progress = step()
+        batch_sizes.append(len(progress))
+        return progress
+
+    eng._decoder.step = counting_step
+    for rid, (p, params) in IMAGES.items():
+        eng.add_image_request(rid, p, params)
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.stage == "decoder":
+                seen[out.request_id].append(out.step)
+    for rid, (_, params) in IMAGES.items():
+        assert seen[rid] == list(range(1, params.decoder_steps + 1)), rid
+    assert max(batch_sizes) == 3 and 1 in batch_sizes  # full, then draining as images leave
+    assert_idle(eng)
+
+
+@pytest.mark.parametrize("stage", ["prefill", "dit", "decoder"])
+def test_abort_in_every_stage_frees_everything(tiny_engine, stage):
+    eng = optimized_engine(tiny_engine, block_size=4, num_blocks=256, dit_steps_per_iteration=1)
+    eng.add_request("c0", CHATS["c0"], GREEDY)
+    eng.add_image_request("victim", "a cat", ImageParams(seed=1, dit_steps=6, decoder_steps=6))
+    eng.add_image_request("other", "a dog", ImageParams(seed=2, dit_steps=6, decoder_steps=6))
+    done = {}
+    aborted = False
+    while eng.has_unfinished():
+        if not aborted and eng._loop.images.get("victim") and eng._loop.images["victim"].stage == stage:
+            assert eng.abort("victim") and not eng.abort("victim")
+            aborted = True
+        for out in eng.step():
+            assert not (aborted and out.request_id == "victim"), "an output after the abort"
+            if out.finished:
+                done[out.request_id] = out
+    assert aborted and set(done) == {"c0", "other"}
+    assert_idle(eng)
+
+
+def test_chat_preemption_while_images_run(tiny_engine):
+    """A pool too small for both chats: one is preempted and recomputed while images are in the decoder;
+    tokens still equal the reference."""
+    eng = optimized_engine(tiny_engine, block_size=4, num_blocks=48, max_num_batched_tokens=256)
+    rec = Recorder(eng._ar)
+    long = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    eng.add_image_request("i0", *IMAGES["i0"])
+    done = {}
+    for step in range(400):
+        if step == 1:
+            for rid, m in CHATS.items():
+                eng.add_request(rid, m, long)
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+        if not eng.has_unfinished():
+            break
+    assert any(o.preempted_ids for o in rec.outputs), "the pool was large enough: nothing was preempted"
+    for rid, m in CHATS.items():
+        want = reference.generate_text(tiny_engine.model, tiny_engine.prompts.chat(m), long, tiny_engine.tokenizer,
+                                       tiny_engine.special)
+        assert (done[rid].token_ids, done[rid].text) == want[:2], rid
+    assert done["i0"].result is not None
+    assert_idle(eng)
+
+
+def test_reference_backend_runs_the_same_loop(tiny_engine, alone):
+    """The reference backend through the same loop: images interleaved with chat equal the optimized
+    backend's images alone within a level, and the chat tokens are identical."""
+    images_alone, chats_alone = alone
+    done = run(tiny_engine, {0: ["c0", "i1"], 1: ["i2"]})
+    for rid in ("i1", "i2"):
+        assert np.abs(pixels(done[rid].result) - images_alone[rid]).max() <= 1, rid
+    assert done["c0"].token_ids == chats_alone["c0"]
+    assert_idle(tiny_engine)
+
+
+def test_serial_policy_finishes_images_before_chat_resumes(tiny_engine, alone):
+    """The baseline policy: once an image has its features, its whole decoder runs in one step (chat waits);
+    the image is the same."""
+    images_alone, _ = alone
+    eng = optimized_engine(tiny_engine, block_size=4, num_blocks=256, policy="serial")
+    eng.add_request("c0", CHATS["c0"], GREEDY)
+    eng.add_image_request("i0", *IMAGES["i0"])
+    per_step: list[list[str]] = []
+    done = {}
+    while eng.has_unfinished():
+        outs = eng.step()
+        per_step.append([f"{o.request_id}:{getattr(o, 'stage', 'chat')}" for o in outs])
+        done.update({o.request_id: o for o in outs if o.finished})
+    image_steps = [s for s in per_step if any(x.startswith("i0:decoder") for x in s)]
+    assert len(image_steps) == 1 and not any(x.startswith("c0") for x in image_steps[0])
+    assert np.abs(pixels(done["i0"].result) - images_alone["i0"]).max() <= 1
+    assert_idle(eng)
