@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_make_tiny)
 
     d = sub.add_parser("train-demo", help="train the 'demo' preset from scratch (BLIP3-o's recipe at toy scale, "
-                                          "about 20 minutes on 2 CPU cores)")
+                                          "about 20 minutes on 2 CPU cores, see the README)")
     d.add_argument("-o", "--output", required=True, help="new directory for the checkpoint and loss_curves.png")
     d.add_argument("--seed", type=int, default=0, help="seed of weights and data (default 0: the shipped preset)")
     d.add_argument("--threads", type=int, default=None,
