@@ -111,9 +111,12 @@ setup(
     packages=_packages(),
     package_dir={"blip3o_engine": "python/blip3o_engine", **_kernel_package_dirs()},
     # CUDA sources are compiled at first use by NVRTC, so they ship as data next to their launchers.
-    # The server's web playground (plain HTML/JS/CSS, served from the package).
+    # The server's web playground (plain HTML/JS/CSS) and the trained `demo` preset (a checkpoint
+    # directory) ship inside the package.
     package_data={"blip3o_engine.kernels.cuda": ["*.cu", "*.cuh", "*.h"],
-                  "blip3o_engine.serve": ["static/*.html", "static/*.js", "static/*.css"]},
+                  "blip3o_engine.serve": ["static/*.html", "static/*.js", "static/*.css"],
+                  "blip3o_engine": ["presets/*/*.json", "presets/*/*.txt", "presets/*/*.safetensors",
+                                    "presets/*/diffusion-decoder/*.json", "presets/*/diffusion-decoder/*/*"]},
     ext_modules=[CMakeExtension("blip3o_engine._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -134,9 +134,10 @@ def test_generate_with_input_image(tmp_path, tiny_dir, image_file, capsys):
     assert Image.open(tmp_path / "o.png").size == (64, 64)
 
 
-def test_default_tiny_model_prints_random_banner(tmp_path, tiny_dir, monkeypatch, capsys):
+def test_tiny_preset_prints_random_banner(tmp_path, tiny_dir, monkeypatch, capsys):
     monkeypatch.setenv("BLIP3O_ENGINE_CACHE", str(tiny_dir.parent))  # reuse the session's tiny checkpoint
-    rc, _, err = run_cli(capsys, "generate", "a dog", "-o", tmp_path / "d.png", *FAST, "--seed", "2")
+    rc, _, err = run_cli(capsys, "generate", "a dog", "-o", tmp_path / "d.png", *FAST, "--seed", "2",
+                         "--model", "tiny")
     assert rc == 0, err
     banner = next(line for line in err.splitlines() if line.startswith("NOTE:"))
     assert "random" in banner and "--model" in banner and "images are noise" in banner

@@ -1,5 +1,6 @@
 """The README's examples run as written: the commands of its "Run" section and its "Python API" block,
-in a fresh directory, with the tiny preset (the session's cached checkpoint)."""
+in a fresh directory: the packaged `demo` preset (the CLI's default) and the tiny preset (the session's
+cached checkpoint)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,12 @@ def test_run_section_commands(fresh_dir, capsys):
             rc = e.code
         err = capsys.readouterr().err
         assert rc == 0, (command, err)
-    assert (fresh_dir / "apple.png").is_file() and (fresh_dir / "tiny-ckpt" / "config.json").is_file()
+    assert (fresh_dir / "tiny-ckpt" / "config.json").is_file()
+    # The main command (no --model) draws with the trained demo preset, at its native 64x64.
+    from PIL import Image
+
+    assert commands[0].startswith("blip3o-engine generate ") and "--model" not in commands[0]
+    assert Image.open(fresh_dir / "circle.png").size == (64, 64)
 
 
 def test_python_api_blocks(fresh_dir, capsys):
@@ -60,5 +66,5 @@ def test_python_api_blocks(fresh_dir, capsys):
     namespace = {"__name__": "readme_example"}
     for block in blocks:  # in order, one namespace: a later block may use an earlier one's names (b3)
         exec(compile(block, str(README), "exec"), namespace)
-    assert (fresh_dir / "apple.png").is_file()
+    assert (fresh_dir / "circle.png").is_file()
     assert capsys.readouterr().out.strip()

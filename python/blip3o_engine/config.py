@@ -606,7 +606,38 @@ def _tiny_config(vocab_size: int) -> ModelConfig:
         name="tiny")
 
 
-PRESETS = ("tiny", "small", "4b", "8b")
+def _demo_config(vocab_size: int) -> ModelConfig:
+    """The trained `demo` preset (`blip3o_engine.train`): the real layout at toy widths, 64×64 images.
+
+    VAE factor 8 (four blocks) gives the released 8×8 latent grid at 64², so the DiT's 8×8 feature grid
+    (64 queries, 64 CLIP tokens) and the UNet's latent have the real proportions. Widths are what lets
+    the whole recipe train in minutes on two CPU cores.
+    """
+    hidden = 128
+    clip = 32
+    return ModelConfig(
+        text=TextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=256, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, mrope_section=(4, 6, 6),
+                        max_position_embeddings=4096, tie_word_embeddings=True),
+        vision=VisionConfig(depth=4, hidden_size=128, intermediate_size=256, num_heads=4,
+                            fullatt_block_indexes=(1, 3), out_hidden_size=hidden),
+        dit=DiTConfig(in_channels=clip, hidden_size=96, num_layers=3, num_heads=4, num_kv_heads=4,
+                      ffn_hidden_size=lumina_ffn_hidden_size(96, multiple_of=32), caption_dim=hidden),
+        unet=UNetConfig(sample_size=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64),
+                        layers_per_block=1, transformer_layers_per_block=(1, 1), num_attention_heads=(2, 4),
+                        cross_attention_dim=clip, addition_time_embed_dim=8,
+                        projection_class_embeddings_input_dim=clip + 6 * 8, norm_num_groups=8),
+        vae=VAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64),
+        name="demo")
+
+
+PRESETS = ("demo", "tiny", "small", "4b", "8b")
+# Presets with trained weights (shipped inside the package); every other preset is random.
+TRAINED_PRESETS = ("demo",)
+
+# Presets over the tiny tokenizer, by name.
+_SMALL_PRESETS = {"demo": _demo_config, "tiny": _tiny_config, "small": _small_config}
 
 # Qwen2.5-VL-3B (BLIP3o-4B) and Qwen2.5-VL-7B (BLIP3o-8B), docs/model_spec.md §2.
 _REAL = {
@@ -617,16 +648,16 @@ _REAL = {
 
 def preset_config(name: str, vocab_size: int | None = None) -> ModelConfig:
     """Config of a preset. `vocab_size` defaults to the real 151668 (4b/8b) or must be given
-    (tiny/small, whose vocabulary is the tiny tokenizer's)."""
+    (demo/tiny/small, whose vocabulary is the tiny tokenizer's)."""
     key = name.lower()
     if key in _REAL:
         cfg = _real_config(key, **_REAL[key])
         if vocab_size is not None:
             cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=vocab_size))
         return cfg
-    if key in ("tiny", "small"):
+    if key in _SMALL_PRESETS:
         _require(vocab_size is not None, f"preset {name!r} needs the tokenizer's vocab_size")
-        return (_tiny_config if key == "tiny" else _small_config)(vocab_size)
+        return _SMALL_PRESETS[key](vocab_size)
     raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)} or pass a checkpoint path")
 
 
@@ -688,7 +719,7 @@ def dtype_from_name(name: str):
 
 __all__ = [
     "TextConfig", "VisionConfig", "DiTConfig", "UNetConfig", "VAEConfig", "FlowSchedulerConfig",
-    "EulerSchedulerConfig", "ModelConfig", "preset_config", "model_config", "PRESETS", "DEVICE_TYPES",
-    "device_from_name", "dtype_from_name",
+    "EulerSchedulerConfig", "ModelConfig", "preset_config", "model_config", "PRESETS", "TRAINED_PRESETS",
+    "DEVICE_TYPES", "device_from_name", "dtype_from_name",
     "lumina_ffn_hidden_size",
 ]

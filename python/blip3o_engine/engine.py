@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .config import PRESETS, ModelConfig, device_from_name, dtype_from_name, preset_config
+from .config import PRESETS, TRAINED_PRESETS, ModelConfig, device_from_name, dtype_from_name, preset_config
 from .engine_config import EngineConfig
 from .errors import CheckpointNotFoundError, ConfigError, InputError
 from .models.blip3o import Blip3oModel, load_model, random_model
@@ -117,7 +117,7 @@ class Engine:
             weights = load_model(path, ModelConfig.from_checkpoint(path), torch_dtype, device)
             tokenizer, processor = load_tokenizer(path), load_image_processor(path)
         engine = cls(weights, tokenizer, processor, backend, name=name, config=config, compile=compile)
-        engine.is_random_preset = is_preset
+        engine.is_random_preset = is_preset and name.lower() not in TRAINED_PRESETS  # demo is trained
         return engine
 
     @classmethod

@@ -1,4 +1,5 @@
-"""`make-tiny`: write a complete random-weight checkpoint in the published BLIP3o-Model layout.
+"""Preset checkpoints: `make-tiny` writes a random-weight checkpoint in the published BLIP3o-Model
+layout; the trained `demo` preset ships inside the package, written by the same functions.
 
 The directory loads in this engine and in the oracles (transformers' Qwen2_5_VLForConditionalGeneration
 for the Qwen part, diffusers' UNet2DConditionModel / AutoencoderKL for the decoder), so tests compare
@@ -16,12 +17,16 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, VAEConfig, preset_config
-from .errors import InputError
+from .config import TRAINED_PRESETS, ModelConfig, VAEConfig, preset_config
+from .errors import CheckpointNotFoundError, InputError
 from .tokenization import build_tiny_tokenizer
 
-CHECKPOINT_PRESETS = ("tiny", "small")  # presets materialized as on-disk checkpoints
+RANDOM_PRESETS = ("tiny", "small")  # random-weight presets, written to the cache dir on first use
+# TRAINED_PRESETS (config.py): presets whose trained checkpoint ships inside the package.
+CHECKPOINT_PRESETS = TRAINED_PRESETS + RANDOM_PRESETS  # presets that are on-disk checkpoints
 _FORMAT_VERSION = 1  # bump when the writer changes, so stale cached checkpoints are rebuilt
+# Where the trained presets live: blip3o_engine/presets/<name>/ (package data, read-only).
+PACKAGED_PRESETS_DIR = Path(__file__).parent / "presets"
 
 
 def cache_root() -> Path:
@@ -29,8 +34,16 @@ def cache_root() -> Path:
 
 
 def preset_checkpoint(name: str) -> Path:
-    """Path of the preset's checkpoint, writing it on first use (atomically: concurrent processes
-    each build into a temporary directory and the first rename wins)."""
+    """Path of the preset's checkpoint: the packaged directory of a trained preset (never written
+    to), or, for a random preset, its cache directory, written on first use (atomically: concurrent
+    processes each build into a temporary directory and the first rename wins)."""
+    if name in TRAINED_PRESETS:
+        path = PACKAGED_PRESETS_DIR / name
+        if not (path / "config.json").is_file():
+            raise CheckpointNotFoundError(
+                f"the {name!r} checkpoint is missing from the installed package ({path}); reinstall "
+                f"blip3o-engine, or retrain it with `blip3o-engine train-demo -o DIR` and pass --model DIR")
+        return path
     target = cache_root() / f"{name}-v{_FORMAT_VERSION}"
     if (target / "config.json").is_file():
         return target
@@ -59,15 +72,43 @@ def make_tiny_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 
     if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < MAX_SEED):
         raise InputError(f"seed must be an int in [0, 2**64 - 2], got {seed!r}")
     out = _empty_output_dir(Path(out_dir))
-    vocab_size = build_tiny_tokenizer(out)
+    vocab_size = write_processor_files(out, preset)
     cfg = preset_config(preset, vocab_size=vocab_size)
     model = random_model(cfg, seed=seed)
-
-    _write_json(out / "config.json", cfg.to_hf_dict(_config_token_ids(out)))
-    _write_json(out / "preprocessor_config.json", _preprocessor_config(preset))
-    _save_sharded(_root_state(model), out, num_shards)
-    _write_decoder(model, cfg, out / "diffusion-decoder", seed)
+    # The released VAE file holds the full autoencoder; the engine only uses the decoder half but the
+    # tiny file carries random encoder weights too, so that loaders (ours, diffusers') see the real key set.
+    gen = torch.Generator().manual_seed(seed + 1)
+    encoder = {key: torch.randn(shape, generator=gen) * (0.1 if len(shape) == 1 else 0.05)
+               for key, shape in vae_encoder_shapes(cfg.vae).items()}
+    write_model_files(out, model, num_shards=num_shards, vae_extra=encoder)
     return out
+
+
+def write_processor_files(out_dir: str | Path, preset: str) -> int:
+    """The tiny tokenizer and the preset's preprocessor_config.json; returns the vocabulary size."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab_size = build_tiny_tokenizer(out)
+    _write_json(out / "preprocessor_config.json", _preprocessor_config(preset))
+    return vocab_size
+
+
+def write_model_files(out_dir: str | Path, model, num_shards: int = 1, dtype: torch.dtype | None = None,
+                      vae_extra: dict[str, torch.Tensor] | None = None) -> None:
+    """config.json, the root safetensors (sharded when num_shards > 1) and diffusion-decoder/ of
+    `model`, in the published layout, next to the tokenizer files already in `out_dir`.
+
+    dtype: of the root tensors (None: as they are); the decoder is always written as the released
+    one is, in bf16 variant files. vae_extra: tensors stored beside the VAE decoder's (the encoder
+    half of AutoencoderKL, which the engine never reads).
+    """
+    out = Path(out_dir)
+    _write_json(out / "config.json", model.cfg.to_hf_dict(_config_token_ids(out)))
+    state = _root_state(model)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    _save_sharded(state, out, num_shards)
+    _write_decoder(model, model.cfg, out / "diffusion-decoder", vae_extra or {})
 
 
 def _empty_output_dir(out: Path) -> Path:
@@ -108,6 +149,10 @@ def _root_state(model) -> dict[str, torch.Tensor]:
 def _save_sharded(state: dict[str, torch.Tensor], out: Path, num_shards: int) -> None:
     from safetensors.torch import save_file
 
+    if num_shards == 1:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
+                  metadata={"format": "pt"})
+        return
     keys = list(state)
     per = -(-len(keys) // num_shards)
     weight_map, total = {}, 0
@@ -120,7 +165,7 @@ def _save_sharded(state: dict[str, torch.Tensor], out: Path, num_shards: int) ->
     _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def _write_decoder(model, cfg: ModelConfig, dec: Path, seed: int) -> None:
+def _write_decoder(model, cfg: ModelConfig, dec: Path, vae_extra: dict[str, torch.Tensor]) -> None:
     """diffusers layout with bf16 variant files, as the released diffusion-decoder/ (docs/model_spec.md §1.6)."""
     from safetensors.torch import save_file
 
@@ -135,12 +180,7 @@ def _write_decoder(model, cfg: ModelConfig, dec: Path, seed: int) -> None:
     _write_json(dec / "vae" / "config.json", cfg.vae.to_diffusers())
     bf16 = {k: v.to(torch.bfloat16).contiguous() for k, v in model.unet.state_dict().items()}
     save_file(bf16, str(dec / "unet" / "diffusion_pytorch_model.bf16.safetensors"), metadata={"format": "pt"})
-    # The released VAE file holds the full autoencoder; the engine only uses the decoder half but the
-    # tiny file carries random encoder weights too, so that loaders (ours, diffusers') see the real key set.
-    vae_state = dict(model.vae.state_dict())
-    gen = torch.Generator().manual_seed(seed + 1)
-    for key, shape in vae_encoder_shapes(cfg.vae).items():
-        vae_state[key] = torch.randn(shape, generator=gen) * (0.1 if len(shape) == 1 else 0.05)
+    vae_state = {**model.vae.state_dict(), **vae_extra}
     bf16 = {k: v.to(torch.bfloat16).contiguous() for k, v in vae_state.items()}
     save_file(bf16, str(dec / "vae" / "diffusion_pytorch_model.bf16.safetensors"), metadata={"format": "pt"})
 
@@ -182,10 +222,18 @@ def vae_encoder_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# The demo model sees every image at 56×56 (4×4 patches, 4 image tokens): the processor shrinks any
+# input to that, so a picture of a shape of any size looks like the 64×64 ones it was trained on.
+DEMO_MAX_PIXELS = 56 * 56
+
+
 def _preprocessor_config(preset: str) -> dict:
     # Qwen2.5-VL's processor settings; the tiny checkpoint caps pixels at 448² (256 image tokens)
     # so CPU tests stay fast.
-    max_pixels = 448 * 448 if preset in CHECKPOINT_PRESETS else 12845056
+    if preset in TRAINED_PRESETS:
+        max_pixels = DEMO_MAX_PIXELS
+    else:
+        max_pixels = 448 * 448 if preset in RANDOM_PRESETS else 12845056
     return {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
             "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
             "do_convert_rgb": True, "min_pixels": 3136, "max_pixels": max_pixels, "patch_size": 14,

@@ -71,3 +71,21 @@ def test_transformers_image_processor_imports_from_the_repo_root():
     proc = _run_in_repo_root("from transformers import AutoImageProcessor, AutoTokenizer\n"
                              "import transformers; print(transformers.__version__)")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_built_package_ships_the_trained_demo_preset(tmp_path):
+    """A non-editable install copies what setup.py's package_data lists (an editable one reads the source
+    tree): every file of the packaged `demo` checkpoint must be in the build, or `pip install .` gives
+    an engine whose default model is missing. `build_py` is the step of the wheel build that copies the
+    Python files and package data (no C++ compile, so it takes a second)."""
+    presets = REPO_ROOT / "python" / "blip3o_engine" / "presets"
+    shipped = sorted(str(p.relative_to(presets)) for p in presets.rglob("*") if p.is_file())
+    assert "demo/model.safetensors" in shipped and "demo/diffusion-decoder/unet/config.json" in shipped
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSAFEPATH", "PYTHONPATH")}
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    built = tmp_path / "blip3o_engine" / "presets"
+    assert sorted(str(p.relative_to(built)) for p in built.rglob("*") if p.is_file()) == shipped
+    manifest = (REPO_ROOT / "MANIFEST.in").read_text()  # the sdist (pip's fallback route) carries it too
+    assert "graft python/blip3o_engine/presets" in manifest

@@ -1,0 +1,1 @@
+"""Training the `demo` preset: BLIP3-o's sequential recipe at toy scale (see `recipe.py`)."""
