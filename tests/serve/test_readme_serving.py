@@ -9,19 +9,9 @@ from pathlib import Path
 import httpx
 
 from _serve_util import API_KEY
+from test_readme import code_blocks, section  # tests/ is on sys.path: its conftest.py is the rootdir one
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-
-
-def section(title: str) -> str:  # as tests/test_readme.py
-    text = README.read_text()
-    start = text.index(f"\n## {title}\n")
-    end = text.find("\n## ", start + 1)
-    return text[start:end if end >= 0 else None]
-
-
-def code_blocks(text: str, lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
 
 
 def test_the_openai_example_runs(server, tmp_path, monkeypatch, capsys):
