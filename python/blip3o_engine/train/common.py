@@ -45,12 +45,27 @@ def warmup_cosine(total: int, warmup: int, floor: float = 0.1):
     return factor
 
 
-def make_optimizer(params: Iterable[nn.Parameter], lr: float, steps: int, weight_decay: float = 0.0,
-                   warmup_fraction: float = 0.05):
-    """AdamW + warm-up/cosine schedule, the optimizer every stage uses."""
-    opt = torch.optim.AdamW(list(params), lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, max(1, int(warmup_fraction * steps))))
-    return opt, sched
+class Optimizer:
+    """AdamW + warm-up/cosine schedule, and the update every stage runs per step (one place for it)."""
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: float, steps: int, weight_decay: float = 0.0,
+                 warmup_fraction: float = 0.05, clip_norm: float | None = None) -> None:
+        self.params = list(params)
+        for p in self.params:
+            p.requires_grad_(True)
+        self.clip_norm = clip_norm
+        self.opt = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, warmup_cosine(steps, max(1, int(warmup_fraction * steps))))
+
+    def step(self, loss: torch.Tensor) -> None:
+        """Backward, clip the gradient norm (when set), AdamW step, schedule step."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+        self.opt.step()
+        self.sched.step()
 
 
 class EMA:

@@ -25,7 +25,7 @@ from ..models.unet import UNet2DConditional, sdxl_time_ids
 from ..models.vae import VAEDecoder
 from ..sampling.euler_discrete import _train_sigmas
 from . import shapes
-from .common import EMA, LossLog, make_optimizer, progress_bar
+from .common import EMA, LossLog, Optimizer, progress_bar
 from .modules import FeatureEncoder, LatentEncoder, images_to_tensor
 
 KL_WEIGHT = 1e-4  # light: the latent only has to stay smooth and bounded for the UNet
@@ -54,9 +54,7 @@ def train_vae(vae: VAEDecoder, encoder: LatentEncoder, steps: int, batch_size: i
               generator: torch.Generator, log: LossLog, progress: bool = True) -> float:
     """Train decoder + encoder as a KL autoencoder; returns the scaling_factor (1 / latent std)."""
     params = [*vae.parameters(), *encoder.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    opt, sched = make_optimizer(params, lr, steps)
+    optimizer = Optimizer(params, lr, steps, clip_norm=1.0)
     with progress_bar(steps, "(b) VAE", progress) as bar:
         for step in range(steps):
             _, x = shape_batch(batch_size, generator)
@@ -66,11 +64,7 @@ def train_vae(vae: VAEDecoder, encoder: LatentEncoder, steps: int, batch_size: i
             rec = (recon - x).abs().mean() + (recon - x).pow(2).mean()
             kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
             loss = rec + KL_WEIGHT * kl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
+            optimizer.step(loss)
             log.add("b_vae", step, reconstruction=rec.item(), kl=kl.item())
             bar.set_postfix(rec=f"{log.final('b_vae', 'reconstruction', 20):.4f}", refresh=False)
             bar.update(1)
@@ -92,9 +86,7 @@ def train_feature_encoder(encoder: FeatureEncoder, latent_encoder: LatentEncoder
     latent_channels = latent_encoder.out.out_channels // 2
     head = nn.Linear(encoder.proj.out_features, latent_channels)
     params = [*encoder.parameters(), *head.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    opt, sched = make_optimizer(params, lr, steps)
+    optimizer = Optimizer(params, lr, steps)
     with progress_bar(steps, "(b) CLIP-feature encoder", progress) as bar:
         for step in range(steps):
             specs, x = shape_batch(batch_size, generator)
@@ -105,10 +97,7 @@ def train_feature_encoder(encoder: FeatureEncoder, latent_encoder: LatentEncoder
             pred = head(feats).transpose(1, 2).reshape(target.shape)  # token n = cell (n // 8, n % 8)
             rec = (pred - target).pow(2).mean()
             loss = clip + rec
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            optimizer.step(loss)
             log.add("b_encoder", step, clip=clip.item(), latent=rec.item())
             bar.set_postfix(clip=f"{log.final('b_encoder', 'clip', 20):.3f}",
                             latent=f"{log.final('b_encoder', 'latent', 20):.3f}", refresh=False)
@@ -165,9 +154,7 @@ def train_unet(unet: UNet2DConditional, data: EncodedShapes, scheduler: EulerSch
                steps: int, batch_size: int, lr: float, ema_decay: float, generator: torch.Generator,
                log: LossLog, progress: bool = True) -> None:
     """Epsilon-prediction training; the UNet ends holding its EMA weights."""
-    for p in unet.parameters():
-        p.requires_grad_(True)
-    opt, sched = make_optimizer(unet.parameters(), lr, steps)
+    optimizer = Optimizer(unet.parameters(), lr, steps, clip_norm=1.0)
     ema = EMA(unet, ema_decay)
     ac = alphas_cumprod(scheduler)  # [T]
     time_ids = sdxl_time_ids(image_size, image_size, batch_size, torch.float32)  # [B, 6]
@@ -187,11 +174,7 @@ def train_unet(unet: UNet2DConditional, data: EncodedShapes, scheduler: EulerSch
             noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
             eps = unet(noisy, t.float(), cond, cond.mean(dim=1), time_ids)
             loss = (eps - noise).pow(2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            optimizer.step(loss)
             ema.update(unet, step)
             log.add("b_unet", step, epsilon_mse=loss.item())
             bar.set_postfix(mse=f"{log.final('b_unet', 'epsilon_mse', 50):.4f}", refresh=False)

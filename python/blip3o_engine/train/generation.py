@@ -16,7 +16,7 @@ import torch
 from ..models.blip3o import Blip3oModel
 from ..prompts import PreparedPrompt, PromptBuilder
 from . import shapes
-from .common import EMA, LossLog, make_optimizer, progress_bar
+from .common import EMA, LossLog, Optimizer, progress_bar
 from .decoder import EncodedShapes
 
 STAGE = "c_generation"
@@ -70,8 +70,7 @@ def train_generation(model: Blip3oModel, prompts: PromptBuilder, data: EncodedSh
     model.text.requires_grad_(False)
     model.visual.requires_grad_(False)
     trained = torch.nn.ModuleDict({"queries": model.queries, "dit": model.dit})
-    trained.requires_grad_(True)
-    opt, sched = make_optimizer(trained.parameters(), lr, steps)
+    optimizer = Optimizer(trained.parameters(), lr, steps, clip_norm=1.0)
     ema = EMA(trained, ema_decay)
     all_prompts = caption_prompts(prompts)
     encode = QueryEncoder(model, all_prompts)
@@ -98,11 +97,7 @@ def train_generation(model: Blip3oModel, prompts: PromptBuilder, data: EncodedSh
             x_t = (1 - s) * x0 + s * noise
             velocity = model.dit(x_t, sigma * 1000, caption)
             loss = (velocity - (noise - x0)).pow(2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            optimizer.step(loss)
             ema.update(trained, step)
             log.add(STAGE, step, flow_mse=loss.item())
             bar.set_postfix(mse=f"{log.final(STAGE, 'flow_mse', 50):.4f}", refresh=False)

@@ -16,7 +16,7 @@ from ..models.blip3o import Blip3oModel
 from ..models.qwen2_5_vl import get_mrope_positions
 from ..prompts import PromptBuilder
 from . import shapes
-from .common import LossLog, make_optimizer, progress_bar
+from .common import LossLog, Optimizer, progress_bar
 
 STAGE = "a_understanding"
 VISION_STAGE = "a_vision"
@@ -86,9 +86,7 @@ def pretrain_vision(model: Blip3oModel, prompts: PromptBuilder, steps: int, batc
     batcher = ChatBatcher(prompts)
     captions = torch.nn.Embedding(len(shapes.all_classes()), model.cfg.vision.out_hidden_size)
     params = [*model.visual.parameters(), *captions.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    opt, sched = make_optimizer(params, lr, steps)
+    optimizer = Optimizer(params, lr, steps)
     with progress_bar(steps, "(a) ViT pre-training", progress) as bar:
         for step in range(steps):
             specs, pixel_values, grid = batcher.images(batch_size, generator)
@@ -96,10 +94,7 @@ def pretrain_vision(model: Blip3oModel, prompts: PromptBuilder, steps: int, batc
             pooled = F.normalize(tokens.mean(dim=1), dim=-1)
             logits = pooled @ F.normalize(captions.weight, dim=-1).T / CLIP_TEMPERATURE  # [B, 12]
             loss = F.cross_entropy(logits, specs.colour * len(shapes.SHAPES) + specs.shape)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            optimizer.step(loss)
             log.add(VISION_STAGE, step, clip=loss.item())
             bar.set_postfix(clip=f"{log.final(VISION_STAGE, 'clip', 20):.3f}", refresh=False)
             bar.update(1)
@@ -123,18 +118,12 @@ def train_understanding(model: Blip3oModel, prompts: PromptBuilder, steps: int, 
     """Train `model.visual` and `model.text` on shape Q&A for `steps` steps (in place)."""
     batcher = ChatBatcher(prompts)
     params = [*model.visual.parameters(), *model.text.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    opt, sched = make_optimizer(params, lr, steps, weight_decay=0.01)
+    optimizer = Optimizer(params, lr, steps, weight_decay=0.01, clip_norm=1.0)
     model.train()
     with progress_bar(steps, "(a) understanding: ViT + LLM", progress) as bar:
         for step in range(steps):
             loss = chat_loss(model, batcher.batch(batch_size, generator), prompts.special.image_pad)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
+            optimizer.step(loss)
             log.add(STAGE, step, chat_ce=loss.item())
             bar.set_postfix(ce=f"{log.final(STAGE, 'chat_ce', 20):.4f}", refresh=False)
             bar.update(1)
