@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blip3o_engine.models.fusion import fuse_linears
+from blip3o_engine.models.fusion import fuse_linears, is_live
 
 
 def _layers(bias: bool, seed: int = 0) -> list[nn.Linear]:
@@ -65,3 +65,32 @@ def test_mismatched_layers_are_refused():
         fuse_linears([nn.Linear(4, 2), nn.Linear(4, 2, bias=False)])
     with pytest.raises(ValueError, match="at least one"):
         fuse_linears([])
+
+
+class _FusedPair(nn.Module):
+    """The models' pattern: the fused GEMM while the fusion is live, the layers' own weights otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = _layers(bias=True)[:2]
+        self.fused = fuse_linears([self.a, self.b])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_live(self.fused[0], self.a):
+            return F.linear(x, *self.fused)
+        return torch.cat([self.a(x), self.b(x)], dim=-1)
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
+def test_a_fused_module_exports_with_the_layers_weights(strict):
+    """Under torch.export the fusion is not live (fake tensors have no pointer, and the fused matrix, a plain
+    attribute, would be baked in as a constant copy): the program takes the layers' parameters as inputs, and
+    its output is the eager module's (the fused and the per-layer GEMMs differ by BLAS blocking: 4 ulps)."""
+    module = _FusedPair().eval()
+    assert is_live(module.fused[0], module.a)  # eager: the fused path
+    x = torch.randn(5, 13)
+    program = torch.export.export(module, (x,), strict=strict)
+    assert {"a.weight", "b.weight"} <= set(program.state_dict) and not program.constants
+    want = module(x)
+    torch.testing.assert_close(program.module()(x), want, rtol=0,
+                               atol=4 * torch.finfo(torch.float32).eps * want.abs().max().item())

@@ -72,8 +72,13 @@ def is_live(fused: Tensor | None, first: nn.Linear) -> bool:
     layers' weights: False once the module was converted (`.to(dtype)`, `.double()`), reloaded with
     `assign=True` or deep-copied and converted — then the layers' own weights are the truth and a caller
     runs them unfused. One pointer comparison: cheap enough for every forward."""
+    if fused is None or torch.compiler.is_compiling():
+        # Tracing (torch.export, dynamo): fake tensors have no pointer, and `fused` is a plain attribute that
+        # a trace would bake in as a constant copy of the weights; the layers' own weights are the module's
+        # parameters, which the exported program takes as its inputs.
+        return False
     # A converted or reloaded weight is a new tensor with new storage, so the pointer alone tells.
-    return fused is not None and fused.data_ptr() == first.weight.data_ptr()
+    return fused.data_ptr() == first.weight.data_ptr()
 
 
 __all__ = ["fuse_linears", "is_live"]
