@@ -45,9 +45,10 @@ def _inputs(engine, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _vae_inputs(vae: torch.nn.Module) -> tuple[list[torch.Tensor], torch.utils.hooks.RemovableHandle]:
-    """Record what the VAE is called with (the sampler's latents / scaling_factor)."""
+    """Record what the VAE is called with (the sampler's latents / scaling_factor): the input of its first
+    layer, which both the whole module and its pieces (`VAEDecoder.pieces`) run."""
     seen: list[torch.Tensor] = []
-    handle = vae.register_forward_pre_hook(lambda _module, args: seen.append(args[0].clone()))
+    handle = vae.post_quant_conv.register_forward_pre_hook(lambda _module, args: seen.append(args[0].clone()))
     return seen, handle
 
 
@@ -89,6 +90,31 @@ def test_matches_reference(tiny_engine, decoder, batch, steps, guidance):
     assert want.float().std() > 5
     if batch > 1:
         assert (want[0].int() - want[1].int()).abs().float().mean() > 5
+
+
+def test_vae_pieces_compose_to_the_whole_vae(tiny_engine, decoder):
+    """The VAE the step loop runs piece by piece (`advance_pixels`) is the whole module (`LatentsToPixels`,
+    what export takes) op for op: bitwise equal, and equal to the reference's uint8 conversion. The pieces
+    split the SDXL VAE's four up blocks into four calls, and the tiny one's two into two."""
+    gen = torch.Generator().manual_seed(5)
+    side = tiny_engine.cfg.unet.sample_size
+    latents = torch.randn(2, tiny_engine.cfg.vae.latent_channels, side + 3, side - 2, generator=gen)  # odd sizes
+    run = decoder.begin_pixels(latents[1:])
+    calls = 0
+    while not decoder.advance_pixels(run):
+        calls += 1
+        assert run.x.dtype != torch.uint8 and run.done == calls
+    assert run.total == len(tiny_engine.model.vae.decoder.up_blocks) == calls + 1
+    with torch.inference_mode():
+        whole = decoder.to_pixels(latents)
+        want = reference.latents_to_uint8(tiny_engine.model, latents)
+    assert torch.equal(run.x, whole[1:]) and torch.equal(decoder.latents_to_pixels(latents), whole)
+    _assert_pixels_close(whole, want)
+    from blip3o_engine.config import VAEConfig
+    from blip3o_engine.models.vae import VAEDecoder
+    sdxl = VAEConfig()  # the SDXL VAE's layout (four up blocks)
+    with torch.device("meta"):  # the layout only: no weights
+        assert len(sdxl.block_out_channels) == 4 and len(VAEDecoder(sdxl).pieces()) == 4
 
 
 def test_uncond_broadcast_equals_explicit_batch(tiny_engine, decoder):

@@ -7,6 +7,8 @@ Decoder, every GroupNorm here uses eps 1e-6 whatever the config says.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -92,11 +94,25 @@ class Decoder(nn.Module):
         self.conv_norm_out = nn.GroupNorm(groups, cfg.block_out_channels[0], eps=VAE_NORM_EPS)
         self.conv_out = nn.Conv2d(cfg.block_out_channels[0], cfg.out_channels, 3, padding=1)
 
-    def forward(self, z: Tensor) -> Tensor:
-        x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
+    def pieces(self) -> list[Callable[[Tensor], Tensor]]:
+        """`forward` as consecutive pieces of comparable cost (conv_in + mid + the first up block, each middle
+        up block, the last up block + output head), for a caller that spreads one decode over several calls
+        (the step loop: at 1024² the whole VAE outlasts a decoder step, one piece does not). `forward` runs
+        exactly these, so the split changes no number."""
+        return [self._head, *self.up_blocks[1:-1], self._tail]
+
+    def _head(self, z: Tensor) -> Tensor:
+        return self.up_blocks[0](self.mid_block(self.conv_in(z)))
+
+    def _tail(self, x: Tensor) -> Tensor:
+        if len(self.up_blocks) > 1:  # with one up block, _head ran it
+            x = self.up_blocks[-1](x)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def forward(self, z: Tensor) -> Tensor:
+        for piece in self.pieces():
+            z = piece(z)
+        return z
 
 
 class VAEDecoder(nn.Module):
@@ -116,9 +132,16 @@ class VAEDecoder(nn.Module):
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
         self.decoder = Decoder(cfg)
 
+    def pieces(self) -> list[Callable[[Tensor], Tensor]]:
+        """`forward` in consecutive pieces (`Decoder.pieces`, post_quant_conv joined to the first)."""
+        first, *rest = self.decoder.pieces()
+        return [lambda latents: first(self.post_quant_conv(latents)), *rest]
+
     def forward(self, latents: Tensor) -> Tensor:
         """latents [B, latent_ch, h, w], already divided by scaling_factor -> images [B, 3, h*f, w*f]."""
-        return self.decoder(self.post_quant_conv(latents))
+        for piece in self.pieces():
+            latents = piece(latents)
+        return latents
 
 
 __all__ = ["VAEDecoder", "to_uint8"]

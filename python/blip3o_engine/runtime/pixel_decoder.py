@@ -19,7 +19,9 @@ condition first, then the VAE and uint8 conversion), restructured for speed and 
   runtime's `GraphCache`; the graph advances the static latents in place, so nothing in the shared pool is
   read after a replay.
 - The VAE decodes one image at a time: its peak (256 channels at the output size) is what grows fastest with
-  the batch, and the memory plan reserves exactly one image's worth.
+  the batch, and the memory plan reserves exactly one image's worth. It runs in pieces (`begin_pixels` /
+  `advance_pixels`, a few up blocks each) so that the step loop can put one piece in an engine step: the
+  whole VAE at 1024² costs more than a decoder step, and chat would wait for it.
 
 Not thread-safe: one step at a time (the step loop's thread).
 """
@@ -80,8 +82,27 @@ class LatentsToPixels(nn.Module):
         self.vae = vae
         self.scaling_factor = scaling_factor
 
+    def pieces(self) -> list[Callable[[Tensor], Tensor]]:
+        """`forward` in consecutive pieces (`VAEDecoder.pieces`, the scaling joined to the first and the
+        uint8 conversion to the last): what `PixelDecoder.advance_pixels` runs one at a time."""
+        first, *middle, last = self.vae.pieces()  # at least two
+        return [lambda z: first(z / self.scaling_factor), *middle, lambda x: to_uint8(last(x))]
+
     def forward(self, latents: Tensor) -> Tensor:
         return to_uint8(self.vae(latents / self.scaling_factor))
+
+
+@dataclass(eq=False)
+class PixelsRun:
+    """One image's VAE decode in progress (`PixelDecoder.begin_pixels` / `advance_pixels`)."""
+
+    x: Tensor  # the latents [1, 4, h, w], then the activation between pieces, at the end uint8 [1, H, W, 3]
+    total: int  # pieces
+    done: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.done == self.total
 
 
 @dataclass(frozen=True, eq=False)
@@ -174,11 +195,12 @@ class PixelDecoder:
         self.buckets = batch_buckets(max_batch)
         self.step_module = DecoderStep(unet)
         self.to_pixels = LatentsToPixels(vae, vae_scaling_factor)
+        pieces = self.to_pixels.pieces()
         if self.compile:
             self._step_fn = torch.compile(self.step_module, dynamic=False, fullgraph=True)
-            self._pixels_fn = torch.compile(self.to_pixels, dynamic=False, fullgraph=True)
+            self._pixel_fns = [torch.compile(p, dynamic=False, fullgraph=True) for p in pieces]
         else:
-            self._step_fn, self._pixels_fn = self.step_module, self.to_pixels
+            self._step_fn, self._pixel_fns = self.step_module, pieces
         self._tables: dict[int, StepTables] = {}
         self._batches: dict[tuple[int, int], DecoderBatch] = {}  # latent (h, w) -> its continuous batch
         self._where: dict[Hashable, tuple[int, int]] = {}  # key -> latent size of its batch
@@ -275,7 +297,24 @@ class PixelDecoder:
     @torch.inference_mode()
     def latents_to_pixels(self, latents: Tensor) -> Tensor:
         """Sampler latents [B, 4, h, w] -> uint8 [B, H, W, 3], one image at a time (module docstring)."""
-        return torch.cat([self._pixels_fn(latents[i:i + 1]) for i in range(latents.shape[0])])
+        out = []
+        for i in range(latents.shape[0]):
+            run = self.begin_pixels(latents[i:i + 1])
+            while not self.advance_pixels(run):
+                pass
+            out.append(run.x)
+        return torch.cat(out)
+
+    def begin_pixels(self, latents: Tensor) -> PixelsRun:
+        """One image's VAE decode, latents [1, 4, h, w], to run piece by piece (`LatentsToPixels.pieces`)."""
+        return PixelsRun(latents, len(self._pixel_fns))
+
+    @torch.inference_mode()
+    def advance_pixels(self, run: PixelsRun) -> bool:
+        """Run the next piece; True once `run.x` holds the uint8 image [1, H, W, 3]."""
+        run.x = self._pixel_fns[run.done](run.x)
+        run.done += 1
+        return run.finished
 
     # ------------------------------------------------------------------------------ whole batches
 

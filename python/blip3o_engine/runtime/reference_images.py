@@ -1,7 +1,7 @@
 """The image stages of the reference backend, stepwise, for the engine's step loop.
 
 They offer the interface of the optimized `FlowSampler` (begin / advance / result) and `PixelDecoder` (admit /
-step / take / preview / release / latents_to_pixels), so the step loop drives both backends the same way, but
+step / take / preview / release / latents_to_pixels / begin_pixels / advance_pixels), so the step loop drives both backends the same way, but
 every image runs alone through `runtime/reference.py`'s closures and the pure step functions of `sampling/`:
 an image's numbers are exactly what a batch-1 run of the reference gives, whatever else is in flight. Every
 model call runs under `ops.reference_ops()` (the torch twins, on any device).
@@ -21,7 +21,7 @@ from ..ops.dispatch import reference_ops
 from ..sampling.euler_discrete import EulerSchedule, euler_cfg_step, euler_discrete_schedule
 from ..sampling.flow_match import flow_cfg_step, flow_match_sigmas
 from . import reference
-from .pixel_decoder import DecoderProgress
+from .pixel_decoder import DecoderProgress, PixelsRun
 
 
 @dataclass(eq=False)
@@ -146,6 +146,14 @@ class ReferenceDecoder:
     def latents_to_pixels(self, latents: Tensor) -> Tensor:
         with reference_ops():
             return torch.cat([reference.latents_to_uint8(self.model, latents[i:i + 1]) for i in range(len(latents))])
+
+    def begin_pixels(self, latents: Tensor) -> PixelsRun:
+        """The reference VAE runs whole: one piece."""
+        return PixelsRun(latents, 1)
+
+    def advance_pixels(self, run: PixelsRun) -> bool:
+        run.x, run.done = self.latents_to_pixels(run.x), 1
+        return True
 
 
 __all__ = ["ReferenceDecoder", "ReferenceDiTRun", "ReferenceFlow"]
