@@ -109,19 +109,25 @@ def test_decoder_batch_is_continuous(tiny_engine):
     assert_idle(eng)
 
 
-def test_chat_waits_for_at_most_one_image_unit_per_step(tiny_engine):
-    """Each engine step runs the LLM step and at most ONE unit of image work (a DiT chunk, a decoder step or
-    one VAE decode), so a running chat gets a token every step: its longest stall is one LLM step plus the
-    largest unit, never a DiT chunk + decoder step + VAE back to back."""
-    eng = optimized_engine(tiny_engine, block_size=4, num_blocks=256, dit_steps_per_iteration=2)
-    for rid in ("i0", "i1"):  # the null prompt's features: computed once per engine, not per step
-        eng.uncond_features(IMAGES[rid][1])
-    units = []
-    for obj, name in ((eng._flow, "advance"), (eng._decoder, "step"), (eng._decoder, "latents_to_pixels")):
+def count_image_units(eng) -> list[str]:
+    """Wrap the engine's image units (DiT advance, decoder step, VAE) so each call is recorded."""
+    units: list[str] = []
+    for obj, name in ((eng._flow, "advance"), (eng._decoder, "step"), (eng._decoder, "advance_pixels")):
         def counted(*args, _fn=getattr(obj, name), _name=name, **kwargs):
             units.append(_name)
             return _fn(*args, **kwargs)
         setattr(obj, name, counted)
+    return units
+
+
+def test_chat_waits_for_at_most_one_image_unit_per_step(tiny_engine):
+    """Each engine step runs the LLM step and at most ONE unit of image work (a DiT chunk, a decoder step or
+    one VAE piece), so a running chat gets a token every step: its longest stall is one LLM step plus the
+    largest unit, never a DiT chunk + decoder step + VAE back to back."""
+    eng = optimized_engine(tiny_engine, block_size=4, num_blocks=256, dit_steps_per_iteration=2)
+    for rid in ("i0", "i1"):  # the null prompt's features: computed once per engine, not per step
+        eng.uncond_features(IMAGES[rid][1])
+    units = count_image_units(eng)
     long_chat = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
     eng.add_request("c0", CHATS["c0"], long_chat)
     for rid in ("i0", "i1"):
@@ -138,10 +144,62 @@ def test_chat_waits_for_at_most_one_image_unit_per_step(tiny_engine):
         chat_tokens += len(got)
         seen.update(units)
         finished |= {o.request_id for o in outs if o.finished}
-    assert seen == {"advance", "step", "latents_to_pixels"} and chat_tokens >= steps - 1
+    assert seen == {"advance", "step", "advance_pixels"} and chat_tokens >= steps - 1
     assert "c0" not in finished, "the chat ended before the images: the test saw no image work beside it"
     while eng.has_unfinished():
         eng.step()
+    assert_idle(eng)
+
+
+@pytest.mark.parametrize("backend", ["optimized", "reference"])
+def test_a_prefill_beside_decoding_chat_defers_the_image_unit_once(tiny_engine, alone, backend):
+    """A step whose LLM work runs a prompt (a new image's T2I prefill, a new chat) while a chat decodes runs
+    no image unit, so that chat waits one prefill step, then one decode + one unit, never prefill + unit;
+    the unit runs in the next step, and never two steps in a row go without one while images have work.
+    Tokens and images are unchanged by it."""
+    from blip3o_engine import Engine
+
+    if backend == "optimized":  # a 16-token budget: the second chat's prompt takes several steps
+        eng = optimized_engine(tiny_engine, block_size=4, num_blocks=256, dit_steps_per_iteration=2,
+                               max_num_batched_tokens=16)
+    else:
+        eng = Engine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.prompts.image_processor,
+                     backend="reference")
+    for rid in ("i0", "i1"):
+        eng.uncond_features(IMAGES[rid][1])
+    units = count_image_units(eng)
+    eng.add_request("c0", CHATS["c0"], SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True))
+    eng.add_image_request("i0", *IMAGES["i0"])
+    steps, done = [], {}  # per step: (prompt tokens ran, c0 got a token, image work before it, units run)
+    arrival = None
+    for step in range(400):
+        if arrival is None and eng._loop.images["i0"].stage == "decoder" and steps and steps[-1][1]:
+            arrival = step  # i0 denoises and c0 decodes: a new image and a new chat arrive
+            eng.add_image_request("i1", *IMAGES["i1"])
+            eng.add_request("c1", CHATS["c1"], GREEDY)
+        image_work = eng._loop._images_in_flight()
+        units.clear()
+        outs = eng.step()
+        chat_token = any(o.request_id == "c0" for o in outs)
+        steps.append((eng._loop._prompt_tokens_ran, chat_token, image_work, len(units)))
+        done.update({o.request_id: o for o in outs if o.finished})
+        if not eng.has_unfinished():
+            break
+    deferred = [i for i, (p, c, w, n) in enumerate(steps) if p and c and w and n == 0]
+    assert arrival is not None and deferred and deferred[0] == arrival, (arrival, steps)
+    for i, (p, c, w, n) in enumerate(steps):
+        assert n <= 1, f"step {i} ran {n} image units"
+        if p and c and w and n == 1:  # prefill + unit beside a decoding chat: only right after a deferral
+            assert i - 1 in deferred, f"step {i} ran a prompt, a chat token and an image unit"
+        if i in deferred:
+            assert i - 1 not in deferred, f"steps {i - 1} and {i}: the image unit deferred twice in a row"
+    if backend == "optimized":  # c1's prompt spans steps: deferral alternates with image work
+        assert len(deferred) >= 2
+    assert set(done) == {"c0", "c1", "i0", "i1"}
+    images_alone, chats_alone = alone
+    for rid in ("i0", "i1"):
+        assert np.abs(pixels(done[rid].result) - images_alone[rid]).max() <= 1, rid
+    assert done["c1"].token_ids == chats_alone["c1"]
     assert_idle(eng)
 
 

@@ -121,6 +121,7 @@ class ARStage:
         sched = config.scheduler
         self.scheduler = Scheduler(self.kv, sched.max_num_seqs, sched.max_num_batched_tokens, sched.long_prefill_chunk)
         self._states: dict[str, _State] = {}
+        self.last_step_prefilled = False  # the last step held prompt tokens (the step loop reads it)
 
     @property
     def max_model_len(self) -> int:
@@ -264,6 +265,7 @@ class ARStage:
 
     def _step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        self.last_step_prefilled = any(s.is_prefill for s in out.scheduled)
         if not out.scheduled:
             self.scheduler.update_from_output(out, {})
             return []

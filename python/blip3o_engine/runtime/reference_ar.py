@@ -41,6 +41,7 @@ class ReferenceAR:
         self._chats: dict[str, _Chat] = {}
         self._t2i: dict[str, PreparedPrompt] = {}
         self._current: str | None = None  # the request `step` is working on (for fail_pending_step)
+        self.last_step_prefilled = False  # the last step ran a T2I prefill or a chat's prompt (its first token)
 
     def add_request(self, request_id: str, prompt: PreparedPrompt, params: SamplingParams) -> None:
         check_context("prompt + max_tokens", len(prompt.token_ids) + params.max_tokens, self.max_model_len,
@@ -84,6 +85,7 @@ class ReferenceAR:
     def step(self) -> list[RequestOutput]:
         """One token for every chat request, every waiting T2I prefill whole."""
         outputs = []
+        self.last_step_prefilled = bool(self._t2i)
         with reference_ops():
             for rid in list(self._t2i):
                 self._current = rid
@@ -94,6 +96,7 @@ class ReferenceAR:
             for rid, chat in list(self._chats.items()):
                 self._current = rid
                 delta, text, ids, finish = next(chat.tokens)
+                self.last_step_prefilled |= len(ids) == 1  # its first token: this call ran the prompt
                 if finish is not None:
                     del self._chats[rid]
                     chat.tokens.close()

@@ -10,11 +10,13 @@ Every `step()` decides, under the scheduler policy, the work of one engine itera
      - decoder: ONE denoising step over every image in the decoder stage, each at its own timestep
        (continuous batching of denoising: images join when their features are ready and a slot is free,
        and leave when done);
-     - VAE: one image whose decoder finished.
+     - VAE: one piece (a few up blocks) of the VAE of the oldest image whose decoder finished.
      One unit, not all three: a chat token then never waits longer than one LLM step plus the largest unit
      (a decoder step), where running DiT chunk + decoder step + VAE back to back made chat wait for their
      sum (`bench mixed` on small measured a 1.38 s stall against a 0.81 s decoder + decode step). Without
-     chat the units simply follow one another, so image throughput is unchanged.
+     chat the units simply follow one another, so image throughput is unchanged. A step whose LLM work ran
+     prompt tokens while chats decode runs no unit (the next one does): prefill + unit would exceed that
+     bound.
 
 Requests are typed (`ChatRequest`, `ImageJob`) and routed by kind, never by their ids. Outputs are
 `RequestOutput` (chat) and `ImageOutput` (images: one per stage transition, one per decoder step, and a
@@ -72,6 +74,7 @@ class ImageJob:
     cond: torch.Tensor | None = None  # [Q, H] query states
     feats: torch.Tensor | None = None  # [Q, C] CLIP features
     latents: torch.Tensor | None = None  # [4, h, w] the decoder's final latents, waiting for the VAE
+    pixels: Any = None  # its VAE decode in progress (PixelsRun)
     started: float = field(default_factory=time.perf_counter)
     marks: dict[str, float] = field(default_factory=dict)
 
@@ -118,6 +121,8 @@ class StepLoop:
         self._decoder_waiting: deque[ImageJob] = deque()
         self._vae_waiting: deque[ImageJob] = deque()  # decoder finished, latents taken, VAE not yet run
         self._next_unit = 0  # round robin over the image units (see the module docstring)
+        self._deferred = False  # the last step skipped its image unit (`_defer_image_unit`)
+        self._prompt_tokens_ran = False  # this step's LLM work held prompt tokens
 
     # ------------------------------------------------------------------------------ requests
 
@@ -194,8 +199,22 @@ class StepLoop:
         self._group_for_dit(prefilled)
         if self.config.policy == "serial":
             return outputs
+        if self._defer_image_unit(outputs):
+            self._deferred = True
+            return outputs
+        self._deferred = False
         self._one_image_unit(outputs)
         return outputs
+
+    def _defer_image_unit(self, outputs: list[Output]) -> bool:
+        """Skip this step's image unit when its LLM step also ran prompt tokens (a T2I prefill, a new chat's
+        prompt chunk) while chats were decoding: those chats would wait prefill + decode + unit for their next
+        token, more than the one decode step + one unit they wait otherwise (`bench mixed` measured a stall
+        3% over that bound). The unit runs in the next step; never twice in a row, so a long chunked prefill
+        slows image work by half at most instead of stopping it."""
+        if self._deferred or not self._prompt_tokens_ran:
+            return False
+        return any(isinstance(o, RequestOutput) for o in outputs)
 
     def _images_in_flight(self) -> bool:
         """Image work past the prefill: DiT batches, images waiting for or in the decoder."""
@@ -204,6 +223,7 @@ class StepLoop:
 
     def _llm_work(self, outputs: list[Output]) -> list[ImageJob]:
         """One AR step; returns the image jobs whose prefill finished."""
+        self._prompt_tokens_ran = False
         if not self.ar.has_unfinished():
             return []
         try:
@@ -212,6 +232,7 @@ class StepLoop:
             for rid in self.ar.fail_pending_step():
                 self._fail(rid, e, outputs)
             return []
+        self._prompt_tokens_ran = self.ar.last_step_prefilled
         prefilled = []
         for out in results:
             if out.request_id in self.chats:
@@ -322,19 +343,29 @@ class StepLoop:
                 self._vae_waiting.append(job)
 
     def _vae(self, outputs: list[Output]) -> None:
-        """The VAE for the oldest image whose decoder finished (one image at a time: the VAE's working set
-        at 1024² is the engine's largest activation, see runtime/memory.py)."""
-        job = self._vae_waiting.popleft()
+        """One piece of the VAE of the oldest image whose decoder finished (`PixelDecoder.advance_pixels`: a
+        few up blocks; the whole VAE at 1024² outlasts a decoder step). One image at a time: the VAE's
+        working set at 1024² is the engine's largest activation (runtime/memory.py)."""
+        job = self._vae_waiting[0]
         try:
-            pixels = self.decoder.latents_to_pixels(job.latents[None])[0].cpu().numpy()  # [H, W, 3] uint8
+            if job.pixels is None:
+                job.pixels = self.decoder.begin_pixels(job.latents[None])
+            finished = self.decoder.advance_pixels(job.pixels)
         except Exception as e:  # noqa: BLE001
+            self._vae_waiting.popleft()
             self._fail(job.request_id, e, outputs)
             return
+        run = job.pixels
+        if not finished:
+            outputs.append(ImageOutput(job.request_id, "vae", run.done, run.total))
+            return
+        self._vae_waiting.popleft()
+        pixels = run.x[0].cpu().numpy()  # [H, W, 3] uint8
         job.mark("vae")
         job.stage = "done"
         del self.images[job.request_id]
         result = ImageResult(Image.fromarray(pixels), job.feats, job.seed, job.timings())
-        outputs.append(ImageOutput(job.request_id, "vae", 1, 1, finished=True, result=result))
+        outputs.append(ImageOutput(job.request_id, "vae", run.total, run.total, finished=True, result=result))
 
     def _preview(self, job: ImageJob) -> Image.Image | None:
         """The image decoded from the decoder's current x0 prediction (a full VAE decode: previews cost one
