@@ -39,7 +39,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def add_engine_option_args(p: argparse.ArgumentParser) -> None:
     """One flag per field of EngineConfig's sections (`--block-size`, `--max-image-batch`, `--no-cuda-graphs`,
     ...), defaulting to "not given" so that only what the user sets overrides the config's defaults."""
-    from .engine_config import EngineConfig, option_fields
+    from .engine_config import POLICIES, EngineConfig, option_fields
 
     defaults = EngineConfig()
     group = p.add_argument_group("engine options (EngineConfig; default values in brackets)")
@@ -51,7 +51,7 @@ def add_engine_option_args(p: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=f"opt_{name}", action=argparse.BooleanOptionalAction, default=None,
                            help=help_text)
         elif name == "policy":
-            group.add_argument(flag, dest=f"opt_{name}", choices=["interleave", "serial"], default=None, help=help_text)
+            group.add_argument(flag, dest=f"opt_{name}", choices=list(POLICIES), default=None, help=help_text)
         else:
             kind = float if ("memory" in name or "utilization" in name) else int
             group.add_argument(flag, dest=f"opt_{name}", type=kind, default=None, metavar=kind.__name__.upper(),

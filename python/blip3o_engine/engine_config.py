@@ -23,7 +23,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-POLICIES = ("interleave", "serial")
+POLICIES = ("interleave", "static", "serial")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -84,9 +84,11 @@ class SchedulerConfig:
       whole loop on CUDA, where it is one short graph; 3 on CPU, where a step of the `small` preset's DiT
       costs about a third of a decoder step, so chat never waits longer than about one decoder step).
     policy: "interleave" (every step: LLM work, then ONE unit of image work in turn — a DiT chunk, ONE
-      decoder step over every image in the decoder, or one image's VAE — so chat waits at most one unit)
-      or "serial" (an image batch runs to its end, then chat
-      resumes: the behaviour before the step loop, kept as a benchmark baseline).
+      decoder step over every image in the decoder, or a piece of one image's VAE — so chat waits at most
+      one unit). Two run-to-completion baselines for `bench mixed`: "serial" (the behaviour before the step
+      loop: one image request at a time runs to its end inside one step while chat and other images wait,
+      as a server locking around `generate_image` did) and "static" (static batching: every image
+      prefilled so far runs to its end as one batch, then chat resumes).
     """
 
     max_num_seqs: int = 32

@@ -260,20 +260,40 @@ def test_reference_backend_runs_the_same_loop(tiny_engine, alone):
     assert_idle(tiny_engine)
 
 
-def test_serial_policy_finishes_images_before_chat_resumes(tiny_engine, alone):
-    """The baseline policy: once an image has its features, its whole decoder runs in one step (chat waits);
-    the image is the same."""
+@pytest.mark.parametrize("policy", ["serial", "static"])
+def test_run_to_completion_policies_finish_images_before_chat_resumes(tiny_engine, alone, policy):
+    """The baselines: once images have their features, they run to their end inside ONE step (chat waits),
+    "serial" one image at a time (decoder batch 1, as `generate_image` calls behind a lock), "static" all
+    of them as one batch; the images are the same."""
     images_alone, _ = alone
-    eng = optimized_engine(tiny_engine, block_size=4, num_blocks=256, policy="serial")
+    eng = optimized_engine(tiny_engine, block_size=4, num_blocks=256, policy=policy)
+    batch_sizes = []
+    step = eng._decoder.step
+
+    def counting_step():
+        progress = step()
+        batch_sizes.append(len(progress))
+        return progress
+
+    eng._decoder.step = counting_step
     eng.add_request("c0", CHATS["c0"], GREEDY)
-    eng.add_image_request("i0", *IMAGES["i0"])
+    for rid in ("i0", "i1"):  # prefilled in the same step
+        eng.add_image_request(rid, *IMAGES[rid])
     per_step: list[list[str]] = []
     done = {}
     while eng.has_unfinished():
         outs = eng.step()
         per_step.append([f"{o.request_id}:{getattr(o, 'stage', 'chat')}" for o in outs])
         done.update({o.request_id: o for o in outs if o.finished})
-    image_steps = [s for s in per_step if any(x.startswith("i0:decoder") for x in s)]
+    image_steps = [s for s in per_step if any(":decoder" in x for x in s)]
     assert len(image_steps) == 1 and not any(x.startswith("c0") for x in image_steps[0])
-    assert np.abs(pixels(done["i0"].result) - images_alone["i0"]).max() <= 1
+    decoder_steps = IMAGES["i0"][1].decoder_steps + IMAGES["i1"][1].decoder_steps
+    if policy == "serial":  # i0's whole image, then i1's
+        assert batch_sizes == [1] * decoder_steps
+        order = [x.split(":")[0] for x in image_steps[0] if x.split(":")[0] in ("i0", "i1")]
+        assert order == sorted(order)
+    else:  # together until the shorter schedule ends
+        assert max(batch_sizes) == 2 and sum(batch_sizes) == decoder_steps
+    for rid in ("i0", "i1"):
+        assert np.abs(pixels(done[rid].result) - images_alone[rid]).max() <= 1, rid
     assert_idle(eng)

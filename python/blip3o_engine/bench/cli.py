@@ -87,7 +87,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     mixed.add_argument("--image-interval-s", type=float, default=40.0,
                        help="mean gap between an image client's requests, Poisson (default 40)")
     mixed.add_argument("--policies", type=_names, default=("interleave", "serial"),
-                       help="step-loop policies to compare, each in its own engine (default: interleave,serial)")
+                       help="step-loop policies to compare, each in its own engine, among interleave, static, serial "
+                            "(default: interleave,serial)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--csv", default=None, help="append rows to this CSV file")

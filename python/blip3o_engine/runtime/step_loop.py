@@ -23,8 +23,10 @@ Requests are typed (`ChatRequest`, `ImageJob`) and routed by kind, never by thei
 final one carrying the `ImageResult`). A failure inside one request's work fails that request (or the
 requests of the failed batch) with an error output, and the loop goes on.
 
-Policy "serial" keeps the behaviour before this loop, as a benchmark baseline: once an image batch has its
-features, it runs to its end (all DiT and decoder steps, VAE) inside one step, and chat waits.
+Two run-to-completion policies are kept as benchmark baselines (`bench mixed`): "serial", the behaviour before
+this loop (a server serialised `generate_image` calls behind a lock): once an image has its features, it runs
+alone to its end (all DiT and decoder steps, VAE) inside one step while chat and the other images wait; and
+"static" (static batching): every image prefilled so far runs to its end as one batch inside one step.
 
 The loop works the same for both backends: the stages it drives are `ARStage` / `FlowSampler` /
 `PixelDecoder` (optimized) or `ReferenceAR` / `ReferenceFlow` / `ReferenceDecoder` (reference).
@@ -189,15 +191,15 @@ class StepLoop:
     @torch.inference_mode()
     def step(self) -> list[Output]:
         outputs: list[Output] = []
-        if self.config.policy == "serial" and self._images_in_flight():
-            while self._images_in_flight():
-                self._all_image_work(outputs, dit_steps=1_000_000)
+        policy = self.config.policy
+        if policy != "interleave" and self._images_in_flight():
+            self._run_to_completion(outputs, one_at_a_time=policy == "serial")
             return outputs
         prefilled = self._llm_work(outputs)
         if self.decoder is None:  # a model without DiT/decoder: chat only
             return outputs
-        self._group_for_dit(prefilled)
-        if self.config.policy == "serial":
+        self._group_for_dit(prefilled, alone=policy == "serial")
+        if policy != "interleave":
             return outputs
         if self._defer_image_unit(outputs):
             self._deferred = True
@@ -247,24 +249,33 @@ class StepLoop:
                 prefilled.append(job)
         return prefilled
 
-    def _group_for_dit(self, jobs: list[ImageJob]) -> None:
-        """New DiT batches: the jobs that share step count and CFG on/off run together."""
-        groups: dict[tuple[int, bool], list[ImageJob]] = {}
-        for job in jobs:
-            groups.setdefault((job.params.dit_steps, job.params.dit_guidance > 1.0), []).append(job)
-        for (steps, _), group in groups.items():
+    def _group_for_dit(self, jobs: list[ImageJob], alone: bool = False) -> None:
+        """New DiT batches: the jobs that share step count and CFG on/off run together (each job alone for
+        the serial policy: one request at a time)."""
+        groups: dict[tuple[int, bool] | int, list[ImageJob]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(i if alone else (job.params.dit_steps, job.params.dit_guidance > 1.0), []).append(job)
+        for group in groups.values():
+            steps = group[0].params.dit_steps
             cond = torch.stack([j.cond for j in group])  # [B, Q, H]
             noise = torch.stack([j.dit_noise for j in group]).to(self.device)  # [B, C, S, S]
             run = self.flow.begin(cond, noise, steps, [j.params.dit_guidance for j in group])
             self._dit.append(_DiTBatch(group, run))
 
-    def _all_image_work(self, outputs: list[Output], dit_steps: int) -> None:
-        """Every unit once (the serial policy's loop body)."""
-        self._advance_dit(outputs, dit_steps)
-        self._admit_to_decoder(outputs)
-        self._decoder_step(outputs)
-        while self._vae_waiting:
-            self._vae(outputs)
+    def _run_to_completion(self, outputs: list[Output], one_at_a_time: bool) -> None:
+        """The baselines' image work, inside one step: "static" runs every DiT batch, then the decoder over all
+        of them, to the end; "serial" runs one image (its own DiT batch) through DiT, decoder and VAE, then
+        the next."""
+        while self._images_in_flight():
+            self._advance_dit(outputs, dit_steps=1_000_000)
+            if not one_at_a_time:
+                while self._dit:
+                    self._advance_dit(outputs, dit_steps=1_000_000)
+            self._admit_to_decoder(outputs)
+            while len(self.decoder):
+                self._decoder_step(outputs)
+            while self._vae_waiting:
+                self._vae(outputs)
 
     def _one_image_unit(self, outputs: list[Output]) -> None:
         """The next unit in turn that has work: a DiT chunk, one decoder step, or one VAE decode."""
