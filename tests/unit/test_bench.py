@@ -536,18 +536,24 @@ def test_stall_is_the_longest_chat_gap_over_image_work():
     assert "images/s=0.323" in rows["mixed_image_latency"].notes  # 1 image / 3.1 s
     assert rows["mixed_chat_ttft"].timing.samples_ms == pytest.approx((1000.0, 500.0))
     assert "tok/s=1.29" in rows["mixed_chat_itl"].notes  # 4 tokens / 3.1 s
+    # With 90th percentiles measured, the limit is their sum (a worst gap against near-worst steps).
+    noisy = StepTimes(10.0, 500.0, 100.0, 50.0, 1, 4, 3, decoder_one_ms=150.0, decode_p90_ms=12.0, decoder_p90_ms=530.0)
+    assert noisy.limit_ms == pytest.approx(542.0)
+    rows = {r.stage: r for r in policy_results(run, noisy, MixedSettings(chat_clients=1, image_clients=4))}
+    assert "limit_ms=542" in rows["mixed_chat_stall"].notes and "limit_median_ms=510" in rows["mixed_chat_stall"].notes
+    assert "decoder_ms_per_image=150 (1 image) / 125 (4 images)" in rows["mixed_image_latency"].notes
 
 
 def test_bench_mixed_on_tiny_compares_the_policies(tiny_dir, tmp_path):
     path = tmp_path / "mixed.csv"
     argv = ["mixed", "--model", "tiny", "--steps", "3", "--dit-steps", "3", "--gen-tokens", "6", "--prompt-tokens",
             "16", "--threads", "1", "--duration-s", "1.5", "--chat-interval-s", "0.2", "--image-interval-s", "0.4",
-            "--csv", str(path)]
+            "--policies", "interleave,static,serial", "--csv", str(path)]
     assert cli.main(argv) == 0
     header, rows = read(path)
     assert header == COLUMNS
     got = {(r["stage"], r["backend"]) for r in rows}
-    for policy in ("interleave", "serial"):
+    for policy in ("interleave", "static", "serial"):
         assert {("mixed_chat_ttft", policy), ("mixed_chat_itl", policy), ("mixed_image_latency", policy)} <= got
     by = {(r["stage"], r["backend"]): r for r in rows}
     images = by[("mixed_image_latency", "interleave")]

@@ -289,7 +289,7 @@ def format_mixed(rows: list[dict[str, str]]) -> list[str]:
                        f"{m['image_p50']}/{m['image_p99']}", f"{m['images_s']} ({m['images']})", m["tok_s"],
                        f"{m['stall']} ({m['limit']})", m["makespan_s"]) for m in mixed_summary(rows)]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    lines = ["mixed workload per policy (stall limit = one decoder step + one decode step, measured alone):"]
+    lines = ["mixed workload per policy (stall limit = one decoder step + one decode step, p90 of each measured alone):"]
     for k, row in enumerate(table):
         lines.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)))
         if k == 0:
