@@ -53,8 +53,8 @@ ImageStage = Literal["prefill", "dit", "decoder", "vae"]
 
 @dataclass
 class ImageOutput:
-    """Progress of one image request: `stage` reached `step` of `total` (the decoder reports every step);
-    the final output has `finished=True` and `result` (or `error`, for a request that failed or was aborted).
+    """Progress of one image request: `stage` reached `step` of `total` (the decoder reports every step, the
+    VAE every piece it runs in: `total` is its number of pieces, 1 on the reference backend); the final output has `finished=True` and `result` (or `error`, for a request that failed or was aborted).
     `preview` is set on decoder steps of requests that asked for previews: the image decoded from the
     decoder's current x0 prediction (what OpenAI's partial_images streams)."""
 

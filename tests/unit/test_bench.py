@@ -519,14 +519,27 @@ def test_poisson_clients_are_seeded_and_send_one_request_at_a_time():
 def test_stall_is_the_longest_chat_gap_over_image_work():
     from blip3o_engine.bench.mixed import (Client, MixedSettings, PolicyRun, StepTimes, _Request, _Step,
                                            policy_results, stall)
+    from blip3o_engine.runtime.step_loop import StepTrace
 
     chat, image = Client("chat", 0, []), Client("image", 0, [])
     # Steps: 0-1 chat only, 1-3 with an image (3 s: a serial image run), 3-3.1 chat only.
     steps = [_Step(0.0, 1.0, False), _Step(1.0, 3.0, True), _Step(3.0, 3.1, False)]
     chats = [_Request(chat, 0.0, tokens=[1.0, 3.1], done=3.1), _Request(chat, 0.0, tokens=[0.5, 0.9], done=0.9)]
     run = PolicyRun("serial", chats, [_Request(image, 0.5, done=3.0)], steps, makespan_s=3.1, load=1.0)
-    worst, longest, n = stall(run)
-    assert worst == pytest.approx(2100.0) and longest == pytest.approx(2100.0) and n == 1
+    st = stall(run)
+    assert st.worst_ms == pytest.approx(2100.0) and st.longest_ms == pytest.approx(2100.0) and st.gaps == 1
+    assert st.worst_steps == tuple(steps[1:3]) and st.worst_between_ms == pytest.approx(0.0)
+    assert st.max_units == 0  # these steps carry no trace of what they ran
+    traced = [_Step(0.0, 1.0, False, StepTrace(0.01)),
+              _Step(1.0, 1.5, True, StepTrace(0.02, unit="decoder", unit_s=0.48, decoder_batch=2)),
+              _Step(1.6, 2.0, True, StepTrace(0.05, prompt_tokens=True)),
+              _Step(2.0, 2.4, True, StepTrace(0.01, unit="vae", unit_s=0.39))]
+    chat_run = [_Request(chat, 0.0, tokens=[1.0, 1.5, 2.0, 2.4], done=2.4), _Request(chat, 0.0, tokens=[1.0, 2.4])]
+    st = stall(PolicyRun("interleave", chat_run, [], traced, makespan_s=2.4, load=1.0))
+    assert st.worst_ms == pytest.approx(1400.0) and st.max_units == 2 and st.gaps == 4
+    assert st.worst_between_ms == pytest.approx(100.0)  # 1.4 s gap, 1.3 s of it in three steps
+    assert st.describe() == ("3 step(s): LLM 20.0 ms + decoder (2 images) 480.0 ms / LLM 50.0 ms (prompt tokens) / "
+                             "LLM 10.0 ms + vae 390.0 ms, between steps 100.0 ms")
     times = StepTimes(decode_ms=10.0, decoder_ms=500.0, dit_chunk_ms=100.0, vae_ms=50.0, chats=1, images=1, dit_chunk=3)
     rows = {r.stage: r for r in policy_results(run, times, MixedSettings(chat_clients=1, image_clients=1))}
     assert rows["mixed_chat_stall"].timing.median_ms == pytest.approx(2100.0)
@@ -561,6 +574,8 @@ def test_bench_mixed_on_tiny_compares_the_policies(tiny_dir, tmp_path):
     assert images["ratio_to_reference"] and by[("mixed_image_latency", "serial")]["ratio_to_reference"] == ""
     stall_row = by[("mixed_chat_stall", "interleave")]
     assert "limit_ms=" in stall_row["notes"] and "decoder_step_ms=" in stall_row["notes"]
+    assert "max_units_per_gap=1" in stall_row["notes"]  # the step loop: one image unit per chat gap at most
+    assert "worst_gap=" in stall_row["notes"] and " step(s): LLM " in stall_row["notes"]
     assert all("loadavg_start=" in r["notes"] for r in rows)
 
 

@@ -91,17 +91,18 @@ def _materialize_rotary(model, device: torch.device) -> None:
 class EngineParts:
     """The stage objects an engine's step loop drives, for the micro rows that time them directly:
     `flow` (FlowSampler | ReferenceFlow), `decoder` (PixelDecoder | ReferenceDecoder) and `dit_chunk`, the
-    DiT steps one engine step advances (`SchedulerConfig.dit_steps_per_iteration`, resolved per device).
-    `Engine` keeps them private; reading them here, in one place, keeps the benchmark on the objects the
+    DiT steps one engine step advances (`SchedulerConfig.dit_steps_per_iteration`, resolved per device), and
+    `loop`, the step loop itself (its `trace` says what the last step ran). `Engine` keeps them private; reading them here, in one place, keeps the benchmark on the objects the
     engine really runs instead of a copy of its wiring."""
 
     flow: object
     decoder: object
     dit_chunk: int
+    loop: object
 
 
 def engine_parts(engine: Engine) -> EngineParts:
-    return EngineParts(engine._flow, engine._decoder, engine._loop.dit_chunk)
+    return EngineParts(engine._flow, engine._decoder, engine._loop.dit_chunk, engine._loop)
 
 
 @dataclass

@@ -51,6 +51,7 @@ from ..engine_config import EngineConfig
 from ..errors import ConfigError
 from ..outputs import ImageOutput, RequestOutput
 from ..params import ImageParams, SamplingParams
+from ..runtime.step_loop import StepTrace
 from .engines import engine_parts
 from .report import host_load
 from .stages import BenchSettings, StageResult, Workload, _decoder_batch, _stepped_run
@@ -125,6 +126,17 @@ class _Step:
     start: float
     end: float
     image_work: bool  # an image was past its prefill (DiT, decoder or VAE) when the step began
+    trace: StepTrace | None = None  # what the step ran (the engine's own account)
+
+    def describe(self) -> str:
+        t = self.trace
+        if t is None:
+            return f"step {(self.end - self.start) * 1e3:.1f} ms"
+        llm = f"LLM {t.llm_s * 1e3:.1f} ms{' (prompt tokens)' if t.prompt_tokens else ''}"
+        if t.unit is None:
+            return llm
+        unit = f"decoder ({t.decoder_batch} images)" if t.unit == "decoder" else t.unit
+        return f"{llm} + {unit} {t.unit_s * 1e3:.1f} ms"
 
 
 @dataclass(frozen=True)
@@ -143,6 +155,7 @@ def run_policy(engine: Engine, w: Workload, s: MixedSettings, policy: str, log: 
     chat_params = SamplingParams(max_tokens=settings.gen_tokens, temperature=0.0, ignore_eos=True)
     clients = make_clients(s, settings.seed)
     live: dict[str, _Request] = {}
+    loop = engine_parts(engine).loop
     chats, images, steps = [], [], []
     count = 0
     load = host_load()
@@ -189,7 +202,7 @@ def run_policy(engine: Engine, w: Workload, s: MixedSettings, policy: str, log: 
         t0 = now()
         outputs = engine.step()
         t1 = now()
-        steps.append(_Step(t0, t1, image_work))
+        steps.append(_Step(t0, t1, image_work, loop.trace))
         for out in outputs:
             _record(out, live, t1, log)
     makespan = max([r.done for r in chats + images if r.done is not None], default=now())
@@ -275,21 +288,42 @@ def measure_step_times(engine: Engine, w: Workload, s: MixedSettings, log: Calla
     return times
 
 
-def stall(run: PolicyRun) -> tuple[float | None, float | None, int]:
-    """(longest chat token gap overlapping image work, longest gap overall, gaps overlapping image work)."""
+@dataclass(frozen=True)
+class Stall:
+    """The chat gaps that overlap image work (steps in which an image was past its prefill)."""
+
+    worst_ms: float | None  # the longest of them
+    longest_ms: float | None  # the longest chat gap of the run, overlapping image work or not
+    gaps: int  # how many gaps overlap image work
+    max_units: int  # the most image units any of them spans (1: a chat token never waits for two units)
+    worst_steps: tuple[_Step, ...] = ()  # the engine steps inside the worst gap
+    worst_between_ms: float = 0.0  # the worst gap's time outside engine steps (the driver's submissions)
+
+    def describe(self) -> str:
+        steps = " / ".join(s.describe() for s in self.worst_steps)  # no ';': it separates the CSV's notes
+        return f"{len(self.worst_steps)} step(s): {steps}, between steps {self.worst_between_ms:.1f} ms"
+
+
+def stall(run: PolicyRun) -> Stall:
+    """The chat gaps overlapping image work (see `Stall`), from the token times and the step records."""
     starts = np.array([st.start for st in run.steps])  # steps run one after another: both sorted
     ends = np.array([st.end for st in run.steps])
     work = np.concatenate([[0], np.cumsum([st.image_work for st in run.steps])])  # image-work steps before i
-    worst, longest, n = None, None, 0
+    units = np.concatenate([[0], np.cumsum([st.trace is not None and st.trace.unit is not None for st in run.steps])])
+    worst, longest, n, max_units, worst_span = None, None, 0, 0, (0, 0)
     for r in run.chats:
         for a, b in zip(r.tokens, r.tokens[1:]):
             gap = (b - a) * 1e3
             longest = gap if longest is None else max(longest, gap)
-            first, last = np.searchsorted(ends, a, "right"), np.searchsorted(starts, b, "left")  # steps in (a, b)
+            first, last = np.searchsorted(ends, a, "right"), np.searchsorted(ends, b, "right")  # steps in (a, b]
             if last > first and work[last] - work[first] > 0:
                 n += 1
-                worst = gap if worst is None else max(worst, gap)
-    return worst, longest, n
+                max_units = max(max_units, int(units[last] - units[first]))
+                if worst is None or gap > worst:
+                    worst, worst_span = gap, (first, last)
+    inside = tuple(run.steps[worst_span[0]:worst_span[1]])
+    between = (worst - sum((s.end - s.start) * 1e3 for s in inside)) if worst is not None else 0.0
+    return Stall(worst, longest, n, max_units, inside, between)
 
 
 def policy_results(run: PolicyRun, times: StepTimes, s: MixedSettings) -> list[StageResult]:
@@ -313,7 +347,8 @@ def policy_results(run: PolicyRun, times: StepTimes, s: MixedSettings) -> list[S
     ttft = [(r.tokens[0] - r.arrival) * 1e3 for r in run.chats if r.tokens]
     itl = [(b - a) * 1e3 for r in run.chats for a, b in zip(r.tokens, r.tokens[1:])]
     latency = [(r.done - r.arrival) * 1e3 for r in done_images]
-    worst, longest, overlapping = stall(run)
+    st = stall(run)
+    worst, longest = st.worst_ms, st.longest_ms
     # What continuous batching can save on this device: a decoder step's cost per image, alone vs batched.
     per_image = (f"decoder_ms_per_image={times.decoder_one_ms:.4g} (1 image) / "
                  f"{times.decoder_ms / max(times.images, 1):.4g} ({times.images} images)")
@@ -323,7 +358,8 @@ def policy_results(run: PolicyRun, times: StepTimes, s: MixedSettings) -> list[S
                    f"decode_step_ms={times.decode_ms:.4g} ({times.chats} chats)",
                    f"dit_chunk_ms={times.dit_chunk_ms:.4g} ({times.dit_chunk} steps)", f"vae_ms={times.vae_ms:.4g}",
                    f"within_limit={'yes' if worst is not None and worst <= limit else 'no'}",
-                   f"gaps_during_images={overlapping}", f"max_gap_ms={longest:.4g}" if longest else "max_gap_ms=")
+                   f"max_units_per_gap={st.max_units}", f"worst_gap={st.describe()}" if st.worst_steps else "worst_gap=",
+                   f"gaps_during_images={st.gaps}", f"max_gap_ms={longest:.4g}" if longest else "max_gap_ms=")
     return [
         row("mixed_chat_ttft", n, ttft, (f"requests={len(run.chats)}", f"finished={len(finished_chats)}"),
             "no chat request"),
@@ -378,5 +414,5 @@ def run_mixed(model: str, device: torch.device, dtype: torch.dtype, settings: Be
     return results
 
 
-__all__ = ["MixedSettings", "POLICIES", "PolicyRun", "StepTimes", "make_clients", "measure_step_times",
+__all__ = ["MixedSettings", "POLICIES", "PolicyRun", "Stall", "StepTimes", "make_clients", "measure_step_times",
            "poisson_times", "policy_results", "run_mixed", "run_policy", "stall"]

@@ -98,6 +98,19 @@ class ImageJob:
         return out
 
 
+@dataclass
+class StepTrace:
+    """What the last `step()` ran, for benchmarks and diagnosis (`bench mixed` reports the steps behind its
+    worst chat stall). Host seconds: on CUDA, work still queued on the stream when `step()` returns is not in
+    them."""
+
+    llm_s: float = 0.0  # the AR step (chat prefill chunks and decodes, T2I prefills)
+    prompt_tokens: bool = False  # that AR step ran prompt tokens
+    unit: str | None = None  # the image unit: "dit" | "decoder" | "vae"; "all" for run-to-completion policies
+    unit_s: float = 0.0
+    decoder_batch: int = 0  # images in the decoder step (unit "decoder")
+
+
 @dataclass(eq=False)
 class _DiTBatch:
     jobs: list[ImageJob]
@@ -125,6 +138,7 @@ class StepLoop:
         self._next_unit = 0  # round robin over the image units (see the module docstring)
         self._deferred = False  # the last step skipped its image unit (`_defer_image_unit`)
         self._prompt_tokens_ran = False  # this step's LLM work held prompt tokens
+        self.trace = StepTrace()  # what the last step ran
 
     # ------------------------------------------------------------------------------ requests
 
@@ -192,10 +206,15 @@ class StepLoop:
     def step(self) -> list[Output]:
         outputs: list[Output] = []
         policy = self.config.policy
+        self.trace = trace = StepTrace()
+        start = time.perf_counter()
         if policy != "interleave" and self._images_in_flight():
+            trace.unit = "all"
             self._run_to_completion(outputs, one_at_a_time=policy == "serial")
+            trace.unit_s = time.perf_counter() - start
             return outputs
         prefilled = self._llm_work(outputs)
+        trace.llm_s, trace.prompt_tokens = time.perf_counter() - start, self._prompt_tokens_ran
         if self.decoder is None:  # a model without DiT/decoder: chat only
             return outputs
         self._group_for_dit(prefilled, alone=policy == "serial")
@@ -205,7 +224,9 @@ class StepLoop:
             self._deferred = True
             return outputs
         self._deferred = False
-        self._one_image_unit(outputs)
+        start = time.perf_counter()
+        trace.unit, trace.decoder_batch = self._one_image_unit(outputs)
+        trace.unit_s = time.perf_counter() - start
         return outputs
 
     def _defer_image_unit(self, outputs: list[Output]) -> bool:
@@ -277,20 +298,23 @@ class StepLoop:
             while self._vae_waiting:
                 self._vae(outputs)
 
-    def _one_image_unit(self, outputs: list[Output]) -> None:
-        """The next unit in turn that has work: a DiT chunk, one decoder step, or one VAE decode."""
+    def _one_image_unit(self, outputs: list[Output]) -> tuple[str | None, int]:
+        """The next unit in turn that has work: a DiT chunk, one decoder step, or one VAE piece. Returns the
+        unit's name (None: no image work) and the decoder's batch when it ran."""
         self._admit_to_decoder(outputs)
-        units = ((lambda: bool(self._dit), lambda: self._advance_dit(outputs, self.dit_chunk)),
-                 (lambda: len(self.decoder) > 0, lambda: self._decoder_step(outputs)),
-                 (lambda: bool(self._vae_waiting), lambda: self._vae(outputs)))
+        units = (("dit", lambda: bool(self._dit), lambda: self._advance_dit(outputs, self.dit_chunk)),
+                 ("decoder", lambda: len(self.decoder) > 0, lambda: self._decoder_step(outputs)),
+                 ("vae", lambda: bool(self._vae_waiting), lambda: self._vae(outputs)))
         for i in range(len(units)):
             k = (self._next_unit + i) % len(units)
-            has_work, run = units[k]
+            name, has_work, run = units[k]
             if has_work():
                 self._next_unit = (k + 1) % len(units)
+                batch = len(self.decoder) if name == "decoder" else 0
                 run()
                 self._admit_to_decoder(outputs)  # a slot freed or features ready: join the next decoder step
-                return
+                return name, batch
+        return None, 0
 
     def _advance_dit(self, outputs: list[Output], dit_steps: int) -> None:
         if not self._dit:
@@ -402,4 +426,4 @@ class StepLoop:
             outputs.append(ImageOutput(request_id, stage, 0, 0, finished=True, error=message, exception=error))
 
 
-__all__ = ["ChatRequest", "ImageJob", "Output", "StepLoop"]
+__all__ = ["ChatRequest", "ImageJob", "Output", "StepLoop", "StepTrace"]
