@@ -118,7 +118,18 @@ def mixed_table(group: list[dict[str, str]]) -> list[str]:
         s = _notes(stall)
         lines += ["", f"Step pieces measured alone before the runs (ms): decoder step {s.get('decoder_step_ms', '?')}, "
                       f"decode step {s.get('decode_step_ms', '?')}, DiT chunk {s.get('dit_chunk_ms', '?')}, "
-                      f"VAE {s.get('vae_ms', '?')}; stall within the limit: {s.get('within_limit', '?')}."]
+                      f"VAE {s.get('vae_ms', '?')}; limit = p90 decoder step + p90 decode step "
+                      f"(the medians' sum: {s.get('limit_median_ms', '?')})."]
+    image = next((r for r in group if r["stage"] == "mixed_image_latency" and r["median_ms"]), None)
+    if image is not None and "decoder_ms_per_image" in _notes(image):
+        lines += [f"Decoder step per image: {_notes(image)['decoder_ms_per_image']} ms."]
+    step_loop = next((r for r in group if r["stage"] == "mixed_chat_stall" and r["backend"] == "interleave"
+                      and r["median_ms"]), None)
+    if step_loop is not None and _notes(step_loop).get("worst_gap"):
+        s = _notes(step_loop)
+        lines += [f"interleave's worst chat gap: {s['worst_gap']}; within the limit: {s.get('within_limit', '?')}; "
+                  f"image units in any chat gap: at most {s.get('max_units_per_gap', '?')}; its steps of LLM + "
+                  f"decoder as they ran: {s.get('decoder_steps_in_run_ms', '?')}."]
     return lines
 
 

@@ -538,6 +538,8 @@ def test_stall_is_the_longest_chat_gap_over_image_work():
     st = stall(PolicyRun("interleave", chat_run, [], traced, makespan_s=2.4, load=1.0))
     assert st.worst_ms == pytest.approx(1400.0) and st.max_units == 2 and st.gaps == 4
     assert st.worst_between_ms == pytest.approx(100.0)  # 1.4 s gap, 1.3 s of it in three steps
+    from blip3o_engine.bench.mixed import decoder_steps_in_run
+    assert decoder_steps_in_run(PolicyRun("interleave", chat_run, [], traced, 2.4, 1.0)) == (2, [pytest.approx(500.0)])
     assert st.describe() == ("3 step(s): LLM 20.0 ms + decoder (2 images) 480.0 ms / LLM 50.0 ms (prompt tokens) / "
                              "LLM 10.0 ms + vae 390.0 ms, between steps 100.0 ms")
     times = StepTimes(decode_ms=10.0, decoder_ms=500.0, dit_chunk_ms=100.0, vae_ms=50.0, chats=1, images=1, dit_chunk=3)
@@ -574,7 +576,7 @@ def test_bench_mixed_on_tiny_compares_the_policies(tiny_dir, tmp_path):
     assert images["ratio_to_reference"] and by[("mixed_image_latency", "serial")]["ratio_to_reference"] == ""
     stall_row = by[("mixed_chat_stall", "interleave")]
     assert "limit_ms=" in stall_row["notes"] and "decoder_step_ms=" in stall_row["notes"]
-    assert "max_units_per_gap=1" in stall_row["notes"]  # the step loop: one image unit per chat gap at most
+    assert "max_units_per_gap=1" in stall_row["notes"] and "decoder_steps_in_run_ms=median " in stall_row["notes"]  # the step loop: one image unit per chat gap at most
     assert "worst_gap=" in stall_row["notes"] and " step(s): LLM " in stall_row["notes"]
     assert all("loadavg_start=" in r["notes"] for r in rows)
 

@@ -326,6 +326,17 @@ def stall(run: PolicyRun) -> Stall:
     return Stall(worst, longest, n, max_units, inside, between)
 
 
+def decoder_steps_in_run(run: PolicyRun) -> tuple[int, list[float]]:
+    """The engine steps of the run that were one LLM step + one decoder step at the run's largest decoder
+    batch: (that batch, their durations in ms). What a chat gap is made of, timed as it ran (next to the
+    same pieces measured alone: host noise and the caches both differ)."""
+    decoder = [s for s in run.steps if s.trace is not None and s.trace.unit == "decoder"]
+    if not decoder:
+        return 0, []
+    batch = max(s.trace.decoder_batch for s in decoder)
+    return batch, [(s.end - s.start) * 1e3 for s in decoder if s.trace.decoder_batch == batch]
+
+
 def policy_results(run: PolicyRun, times: StepTimes, s: MixedSettings) -> list[StageResult]:
     """The CSV rows of one policy's run (module docstring)."""
     pol, n, m = run.policy, s.chat_clients, s.image_clients
@@ -353,12 +364,15 @@ def policy_results(run: PolicyRun, times: StepTimes, s: MixedSettings) -> list[S
     per_image = (f"decoder_ms_per_image={times.decoder_one_ms:.4g} (1 image) / "
                  f"{times.decoder_ms / max(times.images, 1):.4g} ({times.images} images)")
     limit = times.limit_ms
+    batch, in_run = decoder_steps_in_run(run)
+    in_run_note = (f"decoder_steps_in_run_ms=median {np.median(in_run):.4g} / max {max(in_run):.4g} "
+                   f"({len(in_run)} steps of LLM + decoder at {batch} images)" if in_run else "decoder_steps_in_run_ms=")
     stall_notes = (f"limit_ms={limit:.4g}", f"limit_median_ms={times.decoder_ms + times.decode_ms:.4g}",
                    f"decoder_step_ms={times.decoder_ms:.4g} ({times.images} images)",
                    f"decode_step_ms={times.decode_ms:.4g} ({times.chats} chats)",
                    f"dit_chunk_ms={times.dit_chunk_ms:.4g} ({times.dit_chunk} steps)", f"vae_ms={times.vae_ms:.4g}",
                    f"within_limit={'yes' if worst is not None and worst <= limit else 'no'}",
-                   f"max_units_per_gap={st.max_units}", f"worst_gap={st.describe()}" if st.worst_steps else "worst_gap=",
+                   in_run_note, f"max_units_per_gap={st.max_units}", f"worst_gap={st.describe()}" if st.worst_steps else "worst_gap=",
                    f"gaps_during_images={st.gaps}", f"max_gap_ms={longest:.4g}" if longest else "max_gap_ms=")
     return [
         row("mixed_chat_ttft", n, ttft, (f"requests={len(run.chats)}", f"finished={len(finished_chats)}"),
@@ -415,4 +429,4 @@ def run_mixed(model: str, device: torch.device, dtype: torch.dtype, settings: Be
 
 
 __all__ = ["MixedSettings", "POLICIES", "PolicyRun", "Stall", "StepTimes", "make_clients", "measure_step_times",
-           "poisson_times", "policy_results", "run_mixed", "run_policy", "stall"]
+           "poisson_times", "policy_results", "run_mixed", "run_policy", "stall", "decoder_steps_in_run"]
