@@ -113,10 +113,11 @@ def mixed_table(group: list[dict[str, str]]) -> list[str]:
     lines += [f"| {m['policy']} | {m['ttft_p50']} / {m['ttft_p99']} | {m['itl_p50']} / {m['itl_p99']} | "
               f"{m['image_p50']} / {m['image_p99']} | {m['images_s']} ({m['images']}) | {m['tok_s']} | "
               f"{m['stall']} ({m['limit']}) | {m['makespan_s']} |" for m in summary]
+    lines.append("")  # the footnotes below are a paragraph of their own, not table rows
     stall = next((r for r in group if r["stage"] == "mixed_chat_stall" and r["median_ms"]), None)
     if stall is not None:
         s = _notes(stall)
-        lines += ["", f"Step pieces measured alone before the runs (ms): decoder step {s.get('decoder_step_ms', '?')}, "
+        lines += [f"Step pieces measured alone before the runs (ms): decoder step {s.get('decoder_step_ms', '?')}, "
                       f"decode step {s.get('decode_step_ms', '?')}, DiT chunk {s.get('dit_chunk_ms', '?')}, "
                       f"VAE {s.get('vae_ms', '?')}; limit = p90 decoder step + p90 decode step "
                       f"(the medians' sum: {s.get('limit_median_ms', '?')})."]
