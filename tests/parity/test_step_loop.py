@@ -83,12 +83,9 @@ def test_images_join_at_different_steps_beside_chat(tiny_engine, alone):
     assert_idle(eng)
 
 
-def test_decoder_batch_is_continuous(tiny_engine):
-    """With max_image_batch 3 and four images, the fourth waits for a slot and joins while the others are
-    mid-way; every decoder step of an image is reported, in order."""
-    eng = optimized_engine(tiny_engine, block_size=4, num_blocks=256, max_image_batch=3)
-    seen: dict[str, list[int]] = {rid: [] for rid in IMAGES}
-    batch_sizes = []
+def record_decoder_batches(eng) -> list[int]:
+    """Wrap the engine's decoder step so that the batch of every step is recorded."""
+    batch_sizes: list[int] = []
     step = eng._decoder.step
 
     def counting_step():
@@ -97,6 +94,15 @@ def test_decoder_batch_is_continuous(tiny_engine):
         return progress
 
     eng._decoder.step = counting_step
+    return batch_sizes
+
+
+def test_decoder_batch_is_continuous(tiny_engine):
+    """With max_image_batch 3 and four images, the fourth waits for a slot and joins while the others are
+    mid-way; every decoder step of an image is reported, in order."""
+    eng = optimized_engine(tiny_engine, block_size=4, num_blocks=256, max_image_batch=3)
+    seen: dict[str, list[int]] = {rid: [] for rid in IMAGES}
+    batch_sizes = record_decoder_batches(eng)
     for rid, (p, params) in IMAGES.items():
         eng.add_image_request(rid, p, params)
     while eng.has_unfinished():
@@ -267,15 +273,7 @@ def test_run_to_completion_policies_finish_images_before_chat_resumes(tiny_engin
     of them as one batch; the images are the same."""
     images_alone, _ = alone
     eng = optimized_engine(tiny_engine, block_size=4, num_blocks=256, policy=policy)
-    batch_sizes = []
-    step = eng._decoder.step
-
-    def counting_step():
-        progress = step()
-        batch_sizes.append(len(progress))
-        return progress
-
-    eng._decoder.step = counting_step
+    batch_sizes = record_decoder_batches(eng)
     eng.add_request("c0", CHATS["c0"], GREEDY)
     for rid in ("i0", "i1"):  # prefilled in the same step
         eng.add_image_request(rid, *IMAGES[rid])
