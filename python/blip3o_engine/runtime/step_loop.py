@@ -288,10 +288,8 @@ class StepLoop:
         of them, to the end; "serial" runs one image (its own DiT batch) through DiT, decoder and VAE, then
         the next."""
         while self._images_in_flight():
-            self._advance_dit(outputs, dit_steps=1_000_000)
-            if not one_at_a_time:
-                while self._dit:
-                    self._advance_dit(outputs, dit_steps=1_000_000)
+            for _ in range(1 if one_at_a_time else len(self._dit)):
+                self._advance_dit(outputs, dit_steps=1_000_000)  # a whole DiT loop: the batch leaves the queue
             self._admit_to_decoder(outputs)
             while len(self.decoder):
                 self._decoder_step(outputs)
