@@ -597,13 +597,21 @@ def _tiny_config(vocab_size: int) -> ModelConfig:
                             fullatt_block_indexes=(1, 3), out_hidden_size=hidden),
         dit=DiTConfig(in_channels=clip, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
                       ffn_hidden_size=lumina_ffn_hidden_size(64, multiple_of=32), caption_dim=hidden),
-        unet=UNetConfig(sample_size=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64),
-                        layers_per_block=1, transformer_layers_per_block=(1, 2), num_attention_heads=(2, 4),
-                        cross_attention_dim=clip, addition_time_embed_dim=8,
-                        projection_class_embeddings_input_dim=clip + 6 * 8, norm_num_groups=8),
-        vae=VAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64),
-        name="tiny")
+        unet=_toy_unet(clip, transformer_layers_per_block=(1, 2)), vae=_toy_vae(), name="tiny")
+
+
+def _toy_unet(clip: int, transformer_layers_per_block: tuple[int, int]) -> UNetConfig:
+    """The two-level UNet of the `tiny` and `demo` presets: 8×8 latents, CLIP-width cross-attention."""
+    return UNetConfig(sample_size=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64),
+                      layers_per_block=1, transformer_layers_per_block=transformer_layers_per_block,
+                      num_attention_heads=(2, 4), cross_attention_dim=clip, addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=clip + 6 * 8, norm_num_groups=8)
+
+
+def _toy_vae() -> VAEConfig:
+    """The `tiny` and `demo` presets' VAE: factor 8 (four blocks) at toy widths, 64×64 images."""
+    return VAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64)
 
 
 def _demo_config(vocab_size: int) -> ModelConfig:
@@ -623,13 +631,7 @@ def _demo_config(vocab_size: int) -> ModelConfig:
                             fullatt_block_indexes=(1, 3), out_hidden_size=hidden),
         dit=DiTConfig(in_channels=clip, hidden_size=96, num_layers=3, num_heads=4, num_kv_heads=4,
                       ffn_hidden_size=lumina_ffn_hidden_size(96, multiple_of=32), caption_dim=hidden),
-        unet=UNetConfig(sample_size=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64),
-                        layers_per_block=1, transformer_layers_per_block=(1, 1), num_attention_heads=(2, 4),
-                        cross_attention_dim=clip, addition_time_embed_dim=8,
-                        projection_class_embeddings_input_dim=clip + 6 * 8, norm_num_groups=8),
-        vae=VAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64),
-        name="demo")
+        unet=_toy_unet(clip, transformer_layers_per_block=(1, 1)), vae=_toy_vae(), name="demo")
 
 
 PRESETS = ("demo", "tiny", "small", "4b", "8b")

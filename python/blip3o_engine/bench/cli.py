@@ -14,6 +14,7 @@ import torch
 
 from ..errors import Blip3oError, ConfigError
 from .engines import load_engines
+from .mixed import POLICIES, MixedSettings, run_mixed
 from .report import (RunInfo, append_csv, build_rows, check_csv, check_plotting, device_name, format_table, git_commit,
                      host_load, plot, utc_now)
 from .stages import ALL_ORDER, MODES, STAGE_NAMES, BenchSettings, run_modes
@@ -86,9 +87,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                        help="mean gap between a chat client's requests, Poisson (default 3)")
     mixed.add_argument("--image-interval-s", type=float, default=40.0,
                        help="mean gap between an image client's requests, Poisson (default 40)")
-    mixed.add_argument("--policies", type=_names, default=("interleave", "serial"),
-                       help="step-loop policies to compare, each in its own engine, among interleave, static, serial "
-                            "(default: interleave,serial)")
+    mixed.add_argument("--policies", type=_names, default=MixedSettings().policies,
+                       help=f"step-loop policies to compare, each in its own engine, among {', '.join(POLICIES)} "
+                            f"(default: {','.join(MixedSettings().policies)})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--csv", default=None, help="append rows to this CSV file")
@@ -167,7 +168,6 @@ def _run_mixed(args: argparse.Namespace, device: torch.device, settings: BenchSe
     """`bench mixed`: the policies over one model, rows appended to the CSV per policy (bench/mixed.py)."""
     from ..config import PRESETS, dtype_from_name
     from .engines import default_dtype
-    from .mixed import MixedSettings, run_mixed
 
     try:
         mixed = MixedSettings(args.chat_clients, args.image_clients, args.duration_s, args.chat_interval_s,
